@@ -1,0 +1,38 @@
+"""pid — PiD, the pixel diffusion decoder for latent diffusion models.
+
+Public API (everything else may change)::
+
+    from pid import PiDDecoder
+    decoder = PiDDecoder.from_pretrained("flux", ckpt_type="2k")
+    images = decoder.decode(lq_latent, caption="a photo of a cat")   # [B, 3, H, W] in [0, 1]
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# Lazy re-exports keep `import pid` cheap (no torch/diffusers import until needed).
+_EXPORTS = {
+    "PiDDecoder": "pid.decoder",
+    "CheckpointRecord": "pid.checkpoints",
+    "lookup": "pid.checkpoints",
+    "load_pid_state_dict": "pid.checkpoints",
+    "build_pid_net": "pid.models",
+    "PiDNet": "pid.models",
+    "PiDNetConfig": "pid.models",
+    "CaptionEncoder": "pid.text_encoder",
+    "latents": "pid.latents",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pid' has no attribute {name!r}")
+    mod = importlib.import_module(module)
+    return mod if module == f"pid.{name}" else getattr(mod, name)
