@@ -12,7 +12,6 @@ skipped unless `overwrite=true`, so an interrupted run resumes.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -90,9 +89,14 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     from pid.latents import get as get_latent_space
 
     backbone = cfg.backbone.name
-    if cfg.backbone.kind != "diffusers":
-        _require_upstream_repo(cfg)
-    spec = get_pipeline_spec(backbone)
+    upstream = cfg.backbone.kind != "diffusers"
+    if upstream:
+        from pid.inference import rae_flows
+
+        rae_flows.repo_path(cfg)  # fails fast, saying what to clone where
+        default_steps = rae_flows.default_ldm_steps(cfg)
+    else:
+        default_steps = get_pipeline_spec(backbone).default_steps
     if cfg.pid_ckpt_type is None:
         ckpt_type = default_ckpt_type(backbone)
     else:
@@ -103,7 +107,18 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     scale = int(cfg.scale) if cfg.scale is not None else record.scale
     if scale != record.scale:
         logger.warning("scale={} differs from the {} decoder's training scale {}", scale, ckpt_type, record.scale)
-    output_size = parse_resolution(cfg.resolution) or (record.default_resolution,) * 2
+    if upstream:
+        # The RAE LDMs generate at one fixed size (dinov2 512 px, siglip 256 px).
+        native = rae_flows.ldm_size(cfg)
+        requested = parse_resolution(cfg.resolution)
+        output_size = (native[0] * scale, native[1] * scale)
+        if requested is not None and requested != output_size:
+            raise ConfigError(
+                f"{backbone} generates at {native[1]}x{native[0]} only, so resolution must be "
+                f"{output_size[1]} at scale {scale}; got {requested[1]}x{requested[0]}"
+            )
+    else:
+        output_size = parse_resolution(cfg.resolution) or (record.default_resolution,) * 2
     out_h, out_w = output_size
     if out_h % scale or out_w % scale:
         raise ConfigError(f"resolution {out_w}x{out_h} must be divisible by scale {scale} (the LDM runs at resolution / scale)")
@@ -114,11 +129,14 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     except ConfigError as exc:
         raise ConfigError(f"resolution {out_w}x{out_h} (LDM {ldm_size[1]}x{ldm_size[0]}): {exc}") from None
 
-    if (cfg.prompt is None) == (cfg.prompt_file is None):
-        raise ConfigError('give exactly one of prompt="..." or prompt_file=path.txt')
-    prompts = [str(cfg.prompt)] if cfg.prompt is not None else read_prompt_file(cfg.prompt_file)
+    if upstream and rae_flows.is_class_conditional(cfg):
+        prompts = rae_flows.class_prompts(cfg)
+    else:
+        if (cfg.prompt is None) == (cfg.prompt_file is None):
+            raise ConfigError('give exactly one of prompt="..." or prompt_file=path.txt')
+        prompts = [str(cfg.prompt)] if cfg.prompt is not None else read_prompt_file(cfg.prompt_file)
 
-    ldm_steps = int(cfg.ldm_steps) if cfg.ldm_steps is not None else spec.default_steps
+    ldm_steps = int(cfg.ldm_steps) if cfg.ldm_steps is not None else default_steps
     capture_steps = sorted({int(s) for s in (cfg.save_xt_steps or [])})
     bad = [s for s in capture_steps if not 1 <= s <= ldm_steps]
     if bad:
@@ -149,25 +167,6 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     )
 
 
-def _require_upstream_repo(cfg: DictConfig) -> None:
-    """dinov2 / siglip generate with the upstream RAE / Scale-RAE code, which we do not vendor."""
-    kind = cfg.backbone.kind
-    env, default, url = {
-        "rae": ("RAE_REPO_PATH", "../RAE", "https://github.com/bytetriper/RAE"),
-        "scale_rae": ("SCALE_RAE_REPO_PATH", "../Scale-RAE", "https://github.com/ZitengWangNYU/Scale-RAE"),
-    }[kind]
-    path = Path(cfg.backbone.repo_path or os.environ.get(env) or default)
-    if not (path / "src").is_dir() and not (path / "scale_rae").is_dir():
-        raise ConfigError(
-            f"backbone {cfg.backbone.name} generates with the upstream {kind.replace('_', '-').upper()} code, "
-            f"not found at {path}; clone it with: git clone {url} {default} (or set {env} / backbone.repo_path=)"
-        )
-    raise ConfigError(
-        f"generation with backbone {cfg.backbone.name} is not supported by this version of pid; decode its "
-        f"latents with pid.PiDDecoder or evaluate it with python -m pid.inference.from_clean backbone={cfg.backbone.name}"
-    )
-
-
 def output_paths(out_dir: Path, index: int, label: str, fmt: str) -> dict[str, Path]:
     name = f"{sample_name(index)}.{fmt}"
     return {
@@ -195,20 +194,78 @@ def build_decoder(cfg: DictConfig, plan: RunPlan, device: torch.device):
     return decoder
 
 
-def run(cfg: DictConfig, pipe: Any = None, decoder: Any = None) -> dict[str, Any]:
-    """Run from_ldm for a composed config. `pipe` / `decoder` may be passed in (tests, embedding).
+@dataclass
+class Capture:
+    """One latent to decode: label ("24xt" / "x0"), normalised [1, C, h, w] latent, sigma in PiD's frame."""
 
-    Returns this rank's summary (rank 0 returns the gathered one): counts, failures, timings.
+    label: str
+    latent: torch.Tensor
+    sigma: float
+
+
+class DiffusersSource:
+    """Runs a diffusers pipeline for a prompt and returns its captured latents in PiD's space."""
+
+    def __init__(self, cfg: DictConfig, plan: RunPlan, pipe: Any, device: torch.device) -> None:
+        from pid.inference.pipelines import get_pipeline_spec
+        from pid.latents import get as get_latent_space
+
+        self.cfg, self.plan, self.pipe, self.device = cfg, plan, pipe, device
+        self.spec = get_pipeline_spec(plan.backbone)
+        self.space = get_latent_space(plan.backbone).from_pipeline(pipe)  # the LDM's own VAE: no second copy
+
+    def generate(self, index: int, prompt: str) -> list[Capture]:
+        from pid.inference.pipelines import call_kwargs
+        from pid.inference.step_capture import StepCapture
+
+        cfg, plan = self.cfg, self.plan
+        capture = StepCapture(plan.capture_steps, plan.ldm_steps)
+        gen_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        generator = torch.Generator(gen_device).manual_seed(int(cfg.seed) + index)
+        kwargs = call_kwargs(
+            self.spec,
+            prompt=prompt,
+            height=plan.ldm_size[0],
+            width=plan.ldm_size[1],
+            num_inference_steps=plan.ldm_steps,
+            guidance_scale=cfg.guidance_scale,
+            generator=generator,
+            capture=capture,
+            overrides=OmegaConf.to_container(cfg.ldm_kwargs) if cfg.ldm_kwargs else None,
+        )
+        final = self.pipe(**kwargs).images
+        out = []
+        for item in capture.results(final, self.pipe.scheduler):
+            latent = self.space.from_pipeline_latent(item.latent, *plan.ldm_size)
+            latent, sigma = self.space.to_training_frame(latent.float(), item.sigma)  # SDXL: Euler -> VP frame
+            out.append(Capture(item.label, latent, float(sigma)))
+        return out
+
+
+def make_source(cfg: DictConfig, plan: RunPlan, device: torch.device, pipe: Any = None):
+    """The latent source for the configured backbone (diffusers pipeline, or upstream RAE code)."""
+    if cfg.backbone.kind != "diffusers":
+        from pid.inference import rae_flows
+
+        return rae_flows.make_source(cfg, plan, device)
+    if pipe is None:
+        from pid.inference.pipelines import get_pipeline_spec, load_pipeline
+
+        pipe = load_pipeline(
+            get_pipeline_spec(plan.backbone), cfg.model_id, dtype=plan.dtype, device=device,
+            cpu_offload=cfg.cpu_offload,
+        )
+    return DiffusersSource(cfg, plan, pipe, device)
+
+
+def run(cfg: DictConfig, pipe: Any = None, decoder: Any = None, source: Any = None) -> dict[str, Any]:
+    """Run from_ldm for a composed config. `pipe`, `decoder` or a ready latent `source` may be passed in
+    (tests, embedding). Returns the summary (rank 0: gathered over ranks): counts, failures, timings.
     """
-    from pid.inference.pipelines import call_kwargs, get_pipeline_spec, load_pipeline
-    from pid.inference.step_capture import StepCapture
-    from pid.latents import get as get_latent_space
-
     plan = plan_run(cfg)
     env = dist.init_distributed()
     device = torch.device(cfg.device) if cfg.device else dist.rank_device()
     items = dist.shard(plan.prompts, env.rank, env.world_size)
-    spec = get_pipeline_spec(plan.backbone)
     fmt = cfg.save_format
     labels = [f"{k:02d}xt" for k in plan.capture_steps] + ["x0"]
     todo = [
@@ -227,15 +284,18 @@ def run(cfg: DictConfig, pipe: Any = None, decoder: Any = None) -> dict[str, Any
     summary: dict[str, Any] = {"rank": env.rank, "prompts": len(items), "skipped": len(items) - len(todo),
                                "images": 0, "failed": [], "ldm_s": 0.0, "pid_s": 0.0, "vae_s": 0.0}
     if todo:
-        if pipe is None:
-            pipe = load_pipeline(spec, cfg.model_id, dtype=plan.dtype, device=device, cpu_offload=cfg.cpu_offload)
+        if source is None:
+            source = make_source(cfg, plan, device, pipe)
         if decoder is None:
             decoder = build_decoder(cfg, plan, device)
-        space = get_latent_space(plan.backbone).from_pipeline(pipe)
         for index, prompt in tqdm(todo, desc=f"prompts (rank {env.rank})", disable=not dist.is_main()):
             try:
-                _run_prompt(cfg, plan, spec, pipe, decoder, space, index, prompt, device, summary,
-                            call_kwargs, StepCapture)
+                start = time.perf_counter()
+                captures = source.generate(index, prompt)
+                ldm_s = time.perf_counter() - start
+                summary["ldm_s"] += ldm_s
+                caption = getattr(source, "caption_for", lambda i, p: p)(index, prompt)
+                _decode_and_save(cfg, plan, decoder, source.space, index, caption, captures, ldm_s, summary)
             except PiDError as exc:
                 logger.error("[{}] {}", index, exc)
                 summary["failed"].append({"index": index, "prompt": prompt, "error": str(exc)})
@@ -250,30 +310,11 @@ def run(cfg: DictConfig, pipe: Any = None, decoder: Any = None) -> dict[str, Any
     return total if dist.is_main() else summary
 
 
-def _run_prompt(cfg, plan, spec, pipe, decoder, space, index, prompt, device, summary, call_kwargs, StepCapture):
-    capture = StepCapture(plan.capture_steps, plan.ldm_steps)
-    gen_device = device if device.type == "cuda" else torch.device("cpu")
-    generator = torch.Generator(gen_device).manual_seed(int(cfg.seed) + index)
-    start = time.perf_counter()
-    kwargs = call_kwargs(
-        spec,
-        prompt=prompt,
-        height=plan.ldm_size[0],
-        width=plan.ldm_size[1],
-        num_inference_steps=plan.ldm_steps,
-        guidance_scale=cfg.guidance_scale,
-        generator=generator,
-        capture=capture,
-        overrides=OmegaConf.to_container(cfg.ldm_kwargs) if cfg.ldm_kwargs else None,
-    )
-    final = pipe(**kwargs).images
-    ldm_s = time.perf_counter() - start
-    summary["ldm_s"] += ldm_s
-    embeds = decoder.encode_captions([prompt])  # once per prompt, reused for every captured step
-    for item in capture.results(final, pipe.scheduler):
-        latent = space.from_pipeline_latent(item.latent, *plan.ldm_size)
-        latent, sigma = space.to_training_frame(latent.float(), item.sigma)
-        sigma = float(sigma)
+def _decode_and_save(cfg, plan: RunPlan, decoder, space, index: int, caption: str, captures: list[Capture],
+                     ldm_s: float, summary: dict[str, Any]) -> None:
+    embeds = decoder.encode_captions([caption])  # once per prompt, reused for every captured step
+    for item in captures:
+        latent, sigma = item.latent, item.sigma
         paths = output_paths(plan.out_dir, index, item.label, cfg.save_format)
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -301,7 +342,7 @@ def _run_prompt(cfg, plan, spec, pipe, decoder, space, index, prompt, device, su
             plan.out_dir / "metadata.jsonl",
             {
                 "index": index,
-                "prompt": prompt,
+                "prompt": caption,
                 "step": item.label,
                 "sigma": sigma,
                 "ldm_seed": int(cfg.seed) + index,
