@@ -159,3 +159,15 @@ def test_two_rank_gloo_run_covers_every_prompt_once(tmp_path):
     assert sorted(m["index"] for m in meta) == [0, 1, 2, 3, 4]
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     assert rank0["ranks"] == 2 and rank0["images"] == 5
+
+
+def test_batched_pid_decode_of_captures(tmp_path):
+    cfg = tiny_cfg("sd3", tmp_path, "pid_batch=2", "save_xt_steps=[1,2]")
+    calls = []
+    dec = tiny_pid("sd3")
+    original = dec.decode
+    dec.decode = lambda latent, **kw: calls.append((latent.shape[0], list(kw["degrade_sigma"]))) or original(latent, **kw)
+    summary = run(cfg, pipe=make_tiny_pipeline("sd3"), decoder=dec)
+    assert summary["images"] == 3 and [b for b, _ in calls] == [2, 1]
+    sigmas = calls[0][1]
+    assert sigmas[0] > sigmas[1] > 0 and calls[1][1] == [0.0]

@@ -150,6 +150,17 @@ def parse_resolution(value: Any) -> tuple[int, int] | None:
     raise ConfigError(f"resolution must be N or W,H (e.g. 2048 or 2304,1728), got {value!r}")
 
 
+def warn_unused_sampler_knobs(cfg: DictConfig, record: Any) -> None:
+    """The distilled 4-step sampler has no CFG and no shift: say so instead of silently ignoring them."""
+    if record.sampler != "distilled":
+        return
+    from loguru import logger
+
+    for key in ("pid_cfg_scale", "pid_shift"):
+        if cfg.get(key) is not None:
+            logger.warning("{} only affects undistilled decoders (pid_ckpt_type=undistilled); ignored", key)
+
+
 def run_cli(main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = None) -> int:
     """Run an entry point, turning `PiDError`s into one-line messages and exit code 2."""
     from loguru import logger

@@ -30,7 +30,12 @@ from tqdm.auto import tqdm
 from pid.checkpoints import ckpt_types, default_ckpt_type, lookup
 from pid.errors import ConfigError, PiDError
 from pid.inference import distributed as dist
-from pid.inference.cli import COMMON_FLAGS, compose, run_cli, translate_reference_flags
+from pid.inference.cli import (
+    COMMON_FLAGS,
+    compose,
+    run_cli,
+    translate_reference_flags,
+)
 from pid.inference.io import (
     ManifestEntry,
     build_run_tag,
@@ -90,7 +95,8 @@ def plan_run(cfg: DictConfig) -> CleanPlan:
             lookup(backbone, ckpt_type)
     record = lookup(backbone, ckpt_type)
     scale = int(cfg.scale) if cfg.scale is not None else record.scale
-    sigmas = sorted(float(s) for s in (cfg.degrade_sigmas if cfg.degrade_sigmas is not None else [0.0]))
+    # Duplicates would only redo (and overwrite) the same work.
+    sigmas = sorted({float(s) for s in (cfg.degrade_sigmas if cfg.degrade_sigmas is not None else [0.0])})
     bad = [s for s in sigmas if not 0.0 <= s <= 1.0 or math.isnan(s)]
     if bad or not sigmas:
         raise ConfigError(f"degrade_sigmas must be values in [0, 1], got {list(cfg.degrade_sigmas)}")

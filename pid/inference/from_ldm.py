@@ -26,7 +26,14 @@ from tqdm.auto import tqdm
 from pid.checkpoints import ckpt_types, default_ckpt_type, lookup
 from pid.errors import ConfigError, PiDError
 from pid.inference import distributed as dist
-from pid.inference.cli import COMMON_FLAGS, compose, parse_resolution, run_cli, translate_reference_flags
+from pid.inference.cli import (
+    COMMON_FLAGS,
+    compose,
+    parse_resolution,
+    run_cli,
+    translate_reference_flags,
+    warn_unused_sampler_knobs,
+)
 from pid.inference.io import (
     append_jsonl,
     build_run_tag,
@@ -104,6 +111,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         if ckpt_type not in ckpt_types(backbone):
             lookup(backbone, ckpt_type)  # raises the one-line error listing valid types
     record = lookup(backbone, ckpt_type)
+    warn_unused_sampler_knobs(cfg, record)
     scale = int(cfg.scale) if cfg.scale is not None else record.scale
     if scale != record.scale:
         logger.warning("scale={} differs from the {} decoder's training scale {}", scale, ckpt_type, record.scale)
@@ -313,25 +321,32 @@ def run(cfg: DictConfig, pipe: Any = None, decoder: Any = None, source: Any = No
 def _decode_and_save(cfg, plan: RunPlan, decoder, space, index: int, caption: str, captures: list[Capture],
                      ldm_s: float, summary: dict[str, Any]) -> None:
     embeds = decoder.encode_captions([caption])  # once per prompt, reused for every captured step
-    for item in captures:
-        latent, sigma = item.latent, item.sigma
-        paths = output_paths(plan.out_dir, index, item.label, cfg.save_format)
+    # PiD decodes up to `pid_batch` captures of this prompt in one call (per-sample sigma). The noise of a
+    # batch is one draw of [B, 3, H, W], so pid_batch > 1 gives different (still reproducible) samples.
+    batch = max(1, int(cfg.get("pid_batch") or 1))
+    decoded: list[tuple[torch.Tensor, float]] = []
+    for start in range(0, len(captures), batch):
+        group = captures[start : start + batch]
         t0 = time.perf_counter()
-        with torch.no_grad():
-            baseline = space.decode(latent).float().clamp(-1, 1)  # [1, 3, h, w] in [-1, 1]
-        vae_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        image = decoder.decode(
-            latent,
+        images = decoder.decode(
+            torch.cat([c.latent for c in group]),
             caption_embeds=embeds,
-            degrade_sigma=min(max(sigma, 0.0), 1.0),
+            degrade_sigma=[min(max(c.sigma, 0.0), 1.0) for c in group],
             steps=cfg.pid_steps,
             seed=plan.pid_seed,
             output_size=plan.output_size,
             cfg_scale=cfg.pid_cfg_scale,
             shift=cfg.pid_shift,
         )
-        pid_s = time.perf_counter() - t0
+        seconds = (time.perf_counter() - t0) / len(group)
+        decoded.extend((image[None], seconds) for image in images)
+    for item, (image, pid_s) in zip(captures, decoded, strict=True):
+        latent, sigma = item.latent, item.sigma
+        paths = output_paths(plan.out_dir, index, item.label, cfg.save_format)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            baseline = space.decode(latent).float().clamp(-1, 1)  # [1, 3, h, w] in [-1, 1]
+        vae_s = time.perf_counter() - t0
         summary["vae_s"] += vae_s
         summary["pid_s"] += pid_s
         write_image(paths["vae"], signed_to_uint8(baseline[0]))
