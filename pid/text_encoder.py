@@ -150,6 +150,17 @@ class CaptionEncoder(nn.Module):
             self._cache.popitem(last=False)
         return torch.stack(out)
 
+    @torch.no_grad()
+    def precompute(self, captions: Sequence[str], batch_size: int = 8, cache_device: str = "cpu") -> None:
+        """Encode `captions` in batches and keep them all cached on `cache_device`, so later `encode`
+        calls need no model (which may then leave the GPU)."""
+        unique = list(dict.fromkeys(captions))
+        self.cache_size = max(self.cache_size, len(unique) + len(self._cache))
+        for start in range(0, len(unique), batch_size):
+            self.encode(unique[start : start + batch_size])
+        for caption in unique:
+            self._cache[caption] = self._cache[caption].to(cache_device)
+
     def forward(self, captions: str | Sequence[str]) -> Tensor:
         return self.encode(captions)
 

@@ -171,3 +171,29 @@ def test_batched_pid_decode_of_captures(tmp_path):
     assert summary["images"] == 3 and [b for b, _ in calls] == [2, 1]
     sigmas = calls[0][1]
     assert sigmas[0] > sigmas[1] > 0 and calls[1][1] == [0.0]
+
+
+def test_caption_offload_encodes_everything_first(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\na cat\n")
+    cfg = tiny_cfg("sd3", tmp_path / "out", f"prompt_file={prompts}", "prompt=null", "save_xt_steps=[]",
+                   "pid_steps=1", "caption_encoder_offload=true")
+    dec = tiny_pid("sd3")
+    seen = []
+    original = dec.text_encoder._encode_uncached
+    dec.text_encoder._encode_uncached = lambda caps: seen.append(list(caps)) or original(caps)
+    order = []
+    pipe = make_tiny_pipeline("sd3")
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(pipe, name)
+
+        def __call__(self, *a, **k):
+            order.append(len(seen))
+            return pipe(*a, **k)
+
+    summary = run(cfg, pipe=Spy(), decoder=dec)
+    assert summary["images"] == 3
+    assert seen == [["a cat", "a dog"]]  # both captions in one batch, before the LDM ran
+    assert order[0] == 1

@@ -292,10 +292,18 @@ def run(cfg: DictConfig, pipe: Any = None, decoder: Any = None, source: Any = No
     summary: dict[str, Any] = {"rank": env.rank, "prompts": len(items), "skipped": len(items) - len(todo),
                                "images": 0, "failed": [], "ldm_s": 0.0, "pid_s": 0.0, "vae_s": 0.0}
     if todo:
-        if source is None:
-            source = make_source(cfg, plan, device, pipe)
+        # PiD (and Gemma) first: when memory is short, every caption is encoded now and Gemma leaves
+        # the GPU before the LDM arrives, so the two never share it.
         if decoder is None:
             decoder = build_decoder(cfg, plan, device)
+        if offload_caption_encoder(cfg, device):
+            if source is None or not hasattr(source, "caption_for"):
+                captions = [prompt for _, prompt in todo]
+            else:
+                captions = [source.caption_for(i, p) for i, p in todo]
+            precompute_captions(decoder, captions)
+        if source is None:
+            source = make_source(cfg, plan, device, pipe)
         for index, prompt in tqdm(todo, desc=f"prompts (rank {env.rank})", disable=not dist.is_main()):
             try:
                 start = time.perf_counter()
@@ -316,6 +324,28 @@ def run(cfg: DictConfig, pipe: Any = None, decoder: Any = None, source: Any = No
         _print_summary(plan, total)
     dist.barrier()
     return total if dist.is_main() else summary
+
+
+def offload_caption_encoder(cfg: DictConfig, device: torch.device) -> bool:
+    """`caption_encoder_offload`: true/false, or null = only on CUDA devices with less than 48 GiB."""
+    choice = cfg.get("caption_encoder_offload")
+    if choice is not None:
+        return bool(choice)
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_properties(device).total_memory < 48 * 2**30
+
+
+def precompute_captions(decoder, captions: list[str]) -> None:
+    """Encode every caption now, keep the embeddings on the CPU and move the caption encoder off the GPU."""
+    encoder = decoder.text_encoder
+    if encoder is None:
+        return
+    encoder.precompute(captions)
+    encoder.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    logger.info("encoded {} captions; caption encoder moved to the CPU", len(set(captions)))
 
 
 def _decode_and_save(cfg, plan: RunPlan, decoder, space, index: int, caption: str, captures: list[Capture],
