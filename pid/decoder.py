@@ -4,7 +4,8 @@
     images = decoder.decode(lq_latent, caption="a red fox in snow", seed=0)   # [B, 3, H, W] in [0, 1]
 
 Precision: on CUDA the reference recipe — fp32 weights under bf16 autocast, the latent rounded
-to bf16 — unless `dtype=torch.bfloat16` asks for bf16 weights; on CPU plain fp32.
+to bf16; `dtype=torch.bfloat16` stores bf16 weights (half the memory, slightly less accurate) and
+also runs under autocast; on CPU with fp32 weights, plain fp32.
 """
 
 from __future__ import annotations
@@ -130,7 +131,9 @@ class PiDDecoder:
     def uses_autocast(self) -> bool:
         if self._autocast is not None:
             return self._autocast
-        return self.device.type == "cuda" and next(self.net.parameters()).dtype == torch.float32
+        # CUDA: the reference recipe (fp32 weights, bf16 autocast). bf16 weights need autocast anywhere,
+        # since the sampler state stays fp32.
+        return self.device.type == "cuda" or next(self.net.parameters()).dtype == torch.bfloat16
 
     def _autocast_ctx(self):
         if not self.uses_autocast:

@@ -107,3 +107,14 @@ def test_from_pretrained_offline_without_files_says_how_to_download(tmp_path, mo
         PiDDecoder.from_pretrained("flux", "2k", device="cpu")
     with pytest.raises(ConfigError, match="valid ckpt_type for sd3"):
         PiDDecoder.from_pretrained("sd3", "2kto4k_v1pt5", device="cpu")
+
+
+def test_bf16_weights_decode_under_autocast_close_to_fp32():
+    dec = tiny_decoder("flux", "2k")
+    lat = torch.randn(1, 16, 2, 2)
+    ref = dec.decode(lat, caption="a cat", seed=3, steps=2)
+    dec.net.to(torch.bfloat16)
+    assert dec.uses_autocast
+    out = dec.decode(lat, caption="a cat", seed=3, steps=2)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert (out - ref).abs().mean() < 0.02

@@ -33,8 +33,8 @@ class PiDNetConfig:
     text_max_length: int = 300
     text_rope_theta: float = 10000.0
     rope_theta: float = 10000.0
-    # NTK-aware RoPE: reference grid in patches (1024 px -> 64 for v1, 2048 px -> 128 for v1.5).
-    rope_ref_grid: int = 64
+    # NTK-aware RoPE: reference size in pixels (1024 for v1, 2048 for v1.5); grid = size / patch.
+    rope_ref_size: int = 1024
     # Image RoPE coordinates span [0, rope_extent] on each axis, whatever the resolution.
     rope_extent: float = 16.0
     timestep_freq_dim: int = 256
@@ -75,6 +75,11 @@ class PiDNetConfig:
         return self.mlp_hidden_size or int(2 * (4 * self.hidden_size) / 3)
 
     @property
+    def rope_ref_grid(self) -> int:
+        """Reference grid of the NTK-aware RoPE in patches (64 for v1, 128 for v1.5 at patch 16)."""
+        return self.rope_ref_size // self.patch_size
+
+    @property
     def num_injections(self) -> int:
         return len(range(0, self.patch_depth, self.inject_interval))
 
@@ -92,7 +97,7 @@ _V1 = PiDNetConfig(name="v1_latent16ch")
 _V1PT5 = replace(
     _V1,
     name="v1pt5_latent16ch",
-    rope_ref_grid=128,
+    rope_ref_size=2048,
     adapter_width=1024,
     adapter_padding="replicate",
     gate="per_token",

@@ -258,7 +258,7 @@ class PiDNet(nn.Module):
         s_cond = s.flatten(0, 1)  # [B*L, D]
 
         # Pixel tokens [B*L, P*P, Cp]: per-pixel embedding + absolute sin-cos position.
-        z = self.pixel_embedder(x_t.permute(0, 2, 3, 1)) + pixel_pos
+        z = self.pixel_embedder(x_t.permute(0, 2, 3, 1)) + pixel_pos.to(x_t.dtype)
         z = z.reshape(batch, grid_h, patch, grid_w, patch, -1).permute(0, 1, 3, 2, 4, 5)
         z = z.reshape(batch * grid_h * grid_w, patch * patch, -1)
         for block in self.pixel_blocks:
