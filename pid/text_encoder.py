@@ -69,6 +69,7 @@ class CaptionEncoder(nn.Module):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "right"  # the token selection below assumes pads at the end
         self.num_tokens = num_tokens
         self.prefix = prefix
         self.prefix_tokens = len(tokenizer.encode(prefix))  # includes BOS

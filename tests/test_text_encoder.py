@@ -53,3 +53,16 @@ def test_cache_is_bounded():
     enc = tiny_caption_encoder(cache_size=2)
     enc.encode(["a", "b", "c"])
     assert len(enc._cache) == 2
+
+
+def test_padding_is_forced_to_the_right():
+    from pid.text_encoder import CaptionEncoder
+
+    from tiny import tiny_gemma
+
+    tok = tiny_tokenizer()
+    tok.padding_side = "left"
+    enc = CaptionEncoder(tiny_gemma(), tok)
+    assert enc.tokenizer.padding_side == "right"
+    right = tiny_caption_encoder().encode(["a cat"])
+    assert torch.allclose(enc.encode(["a cat"]), right, atol=1e-6)
