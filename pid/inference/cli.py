@@ -150,6 +150,23 @@ def parse_resolution(value: Any) -> tuple[int, int] | None:
     raise ConfigError(f"resolution must be N or W,H (e.g. 2048 or 2304,1728), got {value!r}")
 
 
+def resolve_decoder(cfg: DictConfig) -> tuple[Any, int]:
+    """(checkpoint record, scale) for the config: the backbone's default decoder type unless
+    `pid_ckpt_type` names one (a type the backbone lacks is a one-line error listing valid ones); the
+    scale from the record unless `scale` overrides it."""
+    from loguru import logger
+
+    from pid.checkpoints import lookup
+
+    ckpt_type = None if cfg.pid_ckpt_type is None else str(cfg.pid_ckpt_type)
+    record = lookup(cfg.backbone.name, ckpt_type)
+    warn_unused_sampler_knobs(cfg, record)
+    scale = int(cfg.scale) if cfg.scale is not None else record.scale
+    if scale != record.scale:
+        logger.warning("scale={} differs from the {} decoder's training scale {}", scale, record.ckpt_type, record.scale)
+    return record, scale
+
+
 def warn_unused_sampler_knobs(cfg: DictConfig, record: Any) -> None:
     """The distilled 4-step sampler has no CFG and no shift: say so instead of silently ignoring them."""
     if record.sampler != "distilled":

@@ -27,12 +27,12 @@ from loguru import logger
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from pid.checkpoints import ckpt_types, default_ckpt_type, lookup
 from pid.errors import ConfigError, PiDError
 from pid.inference import distributed as dist
 from pid.inference.cli import (
     COMMON_FLAGS,
     compose,
+    resolve_decoder,
     run_cli,
     translate_reference_flags,
 )
@@ -87,14 +87,8 @@ class CleanPlan:
 
 def plan_run(cfg: DictConfig) -> CleanPlan:
     backbone = cfg.backbone.name
-    if cfg.pid_ckpt_type is None:
-        ckpt_type = default_ckpt_type(backbone)
-    else:
-        ckpt_type = str(cfg.pid_ckpt_type)
-        if ckpt_type not in ckpt_types(backbone):
-            lookup(backbone, ckpt_type)
-    record = lookup(backbone, ckpt_type)
-    scale = int(cfg.scale) if cfg.scale is not None else record.scale
+    record, scale = resolve_decoder(cfg)
+    ckpt_type = record.ckpt_type
     # Duplicates would only redo (and overwrite) the same work.
     sigmas = sorted({float(s) for s in (cfg.degrade_sigmas if cfg.degrade_sigmas is not None else [0.0])})
     bad = [s for s in sigmas if not 0.0 <= s <= 1.0 or math.isnan(s)]

@@ -23,16 +23,16 @@ from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from pid.checkpoints import ckpt_types, default_ckpt_type, lookup
+from pid.checkpoints import lookup
 from pid.errors import ConfigError, PiDError
 from pid.inference import distributed as dist
 from pid.inference.cli import (
     COMMON_FLAGS,
     compose,
     parse_resolution,
+    resolve_decoder,
     run_cli,
     translate_reference_flags,
-    warn_unused_sampler_knobs,
 )
 from pid.inference.io import (
     append_jsonl,
@@ -104,17 +104,8 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         default_steps = rae_flows.default_ldm_steps(cfg)
     else:
         default_steps = get_pipeline_spec(backbone).default_steps
-    if cfg.pid_ckpt_type is None:
-        ckpt_type = default_ckpt_type(backbone)
-    else:
-        ckpt_type = str(cfg.pid_ckpt_type)
-        if ckpt_type not in ckpt_types(backbone):
-            lookup(backbone, ckpt_type)  # raises the one-line error listing valid types
-    record = lookup(backbone, ckpt_type)
-    warn_unused_sampler_knobs(cfg, record)
-    scale = int(cfg.scale) if cfg.scale is not None else record.scale
-    if scale != record.scale:
-        logger.warning("scale={} differs from the {} decoder's training scale {}", scale, ckpt_type, record.scale)
+    record, scale = resolve_decoder(cfg)
+    ckpt_type = record.ckpt_type
     if upstream:
         # The RAE LDMs generate at one fixed size (dinov2 512 px, siglip 256 px).
         native = rae_flows.ldm_size(cfg)
