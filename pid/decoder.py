@@ -63,6 +63,7 @@ class PiDDecoder:
         self._autocast = autocast
         self._compiled: dict[tuple[int, int], torch.nn.Module] = {}
         self.compile_mode: str | None = None
+        self._compile_backend = "inductor"
 
     # ------------------------------------------------------------------------------------------
     # Construction
@@ -144,12 +145,17 @@ class PiDDecoder:
     # Speed knobs
     # ------------------------------------------------------------------------------------------
 
-    def compile(self, mode: str = "default", text_encoder: bool = True) -> PiDDecoder:
-        """torch.compile the network (one static graph per output size) and the text encoder."""
+    def compile(self, mode: str = "default", text_encoder: bool = True, backend: str = "inductor") -> PiDDecoder:
+        """torch.compile the network (one static graph per output size, built on first use) and the
+        caption encoder. `mode` "max-autotune" adds autotuning and CUDA graphs on GPUs."""
         self.compile_mode = mode
+        self._compile_backend = backend
         self._compiled.clear()
         if text_encoder and self.text_encoder is not None:
-            self.text_encoder.model = torch.compile(self.text_encoder.model, mode=mode, dynamic=False)
+            options = {"mode": mode} if backend == "inductor" else {}
+            self.text_encoder.model = torch.compile(
+                self.text_encoder.model, backend=backend, dynamic=False, **options
+            )
         return self
 
     def set_pixel_chunking(self, tokens: int | None) -> None:
@@ -160,7 +166,8 @@ class PiDDecoder:
         if self.compile_mode is None:
             return self.net
         if size not in self._compiled:
-            self._compiled[size] = torch.compile(self.net, mode=self.compile_mode, dynamic=False)
+            options = {"mode": self.compile_mode} if self._compile_backend == "inductor" else {}
+            self._compiled[size] = torch.compile(self.net, backend=self._compile_backend, dynamic=False, **options)
         return self._compiled[size]
 
     # ------------------------------------------------------------------------------------------
