@@ -60,6 +60,20 @@ FROM_LDM_FLAGS = {
     "--rae_class_ids": ("backbone.class_ids", "+"),
     "--rae_class_range": ("backbone.class_range", 2),
     "--scale_rae_repo_path": ("backbone.repo_path", 1),
+    "--rae_decoder_ckpt": ("backbone.decoder_ckpt", 1),
+    "--rae_stats_path": ("backbone.stats_path", 1),
+    "--rae_dit_main_ckpt": ("backbone.dit_main_ckpt", 1),
+    "--rae_dit_guid_ckpt": ("backbone.dit_guid_ckpt", 1),
+    "--rae_cfg_scale": ("backbone.cfg_scale", 1),
+    "--rae_cfg_interval": ("backbone.cfg_interval", 2),
+    "--num_inference_steps": ("ldm_steps", 1),
+    "--scale_rae_model_path": ("backbone.model_path", 1),
+    "--scale_rae_pretrained_encoder": ("backbone.pretrained_encoder", 1),
+    "--scale_rae_decoder_config": ("backbone.decoder_config", 1),
+    "--scale_rae_decoder_ckpt": ("backbone.decoder_ckpt", 1),
+    "--scale_rae_guidance_level": ("backbone.guidance_level", 1),
+    "--scale_rae_max_new_tokens": ("backbone.max_new_tokens", 1),
+    "--scale_rae_prompt_prefix": ("backbone.prompt_prefix", 1),
 }
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -101,6 +115,8 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         from pid.inference import rae_flows
 
         rae_flows.repo_path(cfg)  # fails fast, saying what to clone where
+        if cfg.backbone.kind == "scale_rae":
+            rae_flows.check_scale_rae_transformers()  # before any model loads
         default_steps = rae_flows.default_ldm_steps(cfg)
     else:
         default_steps = get_pipeline_spec(backbone).default_steps
@@ -288,7 +304,11 @@ def run(cfg: DictConfig, pipe: Any = None, decoder: Any = None, source: Any = No
         if decoder is None:
             decoder = build_decoder(cfg, plan, device)
         if offload_caption_encoder(cfg, device):
-            if source is None or not hasattr(source, "caption_for"):
+            if source is None and cfg.backbone.kind != "diffusers":
+                from pid.inference import rae_flows
+
+                captions = [rae_flows.caption_for_item(cfg, p) for _, p in todo]  # class names, not ids
+            elif source is None or not hasattr(source, "caption_for"):
                 captions = [prompt for _, prompt in todo]
             else:
                 captions = [source.caption_for(i, p) for i, p in todo]
