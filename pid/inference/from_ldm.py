@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +101,6 @@ class RunPlan:
     pid_seed: int
     dtype: torch.dtype
     out_dir: Path
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def plan_run(cfg: DictConfig) -> RunPlan:
@@ -162,11 +161,15 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         raise ConfigError(f"save_format must be png or jpg, got {cfg.save_format!r}")
 
     pid_steps = cfg.pid_steps or (4 if record.sampler == "distilled" else 25)
-    # Size and seed are in the tag so runs that differ in them never resume into each other's files.
+    # LDM settings, size and seed are in the tag so runs that differ in them never resume into (or
+    # overwrite) each other's files.
+    ldm_tag = f"ldm{ldm_steps}" + (f"g{cfg.guidance_scale}" if cfg.guidance_scale is not None else "")
+    if cfg.model_id:
+        ldm_tag += "_" + Path(str(cfg.model_id)).name
     tag = build_run_tag(
         backbone, record.hub_path, pid_steps=pid_steps, cfg_scale=cfg.pid_cfg_scale, shift=cfg.pid_shift,
         note=cfg.note or "",
-    ) + f"_{out_w}x{out_h}_seed{int(cfg.seed)}"
+    ) + f"_{ldm_tag}_{out_w}x{out_h}_seed{int(cfg.seed)}"
     return RunPlan(
         backbone=backbone,
         ckpt_type=ckpt_type,
