@@ -164,17 +164,23 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def pixel_sincos_embedding(
-    height: int, width: int, dim: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+    height: int,
+    width: int,
+    dim: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    offset: tuple[int, int] = (0, 0),
 ) -> Tensor:
-    """Fixed [H, W, dim] embedding of absolute pixel coordinates.
+    """Fixed [H, W, dim] embedding of absolute pixel coordinates (i, j) = offset + (row, column).
 
     [sin(j w), cos(j w), sin(i w), cos(i w)] (column part first), w_m = 10000^(-m / (dim/4)),
-    computed in float64 as the reference does.
+    computed in float64 as the reference does. `offset` places a window inside a larger image.
     """
     quarter = dim // 4
+    top, left = offset
     omega = 10000.0 ** (-torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
-    cols = torch.arange(width, dtype=torch.float64, device=device)[:, None] * omega[None]
-    rows = torch.arange(height, dtype=torch.float64, device=device)[:, None] * omega[None]
+    cols = torch.arange(left, left + width, dtype=torch.float64, device=device)[:, None] * omega[None]
+    rows = torch.arange(top, top + height, dtype=torch.float64, device=device)[:, None] * omega[None]
     col_part = torch.cat([torch.sin(cols), torch.cos(cols)], dim=-1)  # [W, dim/2]
     row_part = torch.cat([torch.sin(rows), torch.cos(rows)], dim=-1)  # [H, dim/2]
     emb = torch.cat([col_part[None].expand(height, -1, -1), row_part[:, None].expand(-1, width, -1)], dim=-1)
@@ -295,8 +301,8 @@ class PiTBlock(nn.Module):
 
     z: pixel tokens [B*L, P*P, Cp]; s_cond: [B*L, D]. The per-pixel modulation is the memory peak
     at large sizes ([B*L, 6*Cp*P*P]); `chunk_tokens` processes the per-pixel parts in slices of
-    patch tokens (the attention itself always sees the whole image), recomputing the modulation
-    in the second pass instead of keeping it.
+    patch tokens (the attention itself always sees the whole image), recomputing each slice's
+    modulation in the second pass instead of keeping all of it.
     """
 
     def __init__(
@@ -324,37 +330,33 @@ class PiTBlock(nn.Module):
         # output index = pixel * 6Cp + chunk * Cp + channel
         return self.adaLN_modulation(s_cond).unflatten(-1, (self.pixels, 6 * self.pixel_dim)).chunk(6, dim=-1)
 
-    def _compress(self, z: Tensor, s_cond: Tensor) -> Tensor:
-        shift_a, scale_a, *_ = self._modulation(s_cond)
+    def _compress(self, z: Tensor, mod: tuple[Tensor, ...]) -> Tensor:
+        shift_a, scale_a = mod[0], mod[1]
         return self.compress_to_attn((self.norm1(z) * (1 + scale_a) + shift_a).flatten(1))
 
-    def _expand(self, z: Tensor, s_cond: Tensor, attn_out: Tensor) -> Tensor:
-        _, _, gate_a, shift_m, scale_m, gate_m = self._modulation(s_cond)
+    def _expand(self, z: Tensor, mod: tuple[Tensor, ...], attn_out: Tensor) -> Tensor:
+        gate_a, shift_m, scale_m, gate_m = mod[2:]
         z = z + gate_a * self.expand_from_attn(attn_out).unflatten(-1, (self.pixels, self.pixel_dim))
         return z + gate_m * self.mlp(self.norm2(z) * (1 + scale_m) + shift_m)
 
     def forward(
-        self,
-        z: Tensor,
-        s_cond: Tensor,
-        batch: int,
-        rope: tuple[Tensor, Tensor],
-        chunk_tokens: int | None = None,
+        self, z: Tensor, s_cond: Tensor, batch: int, rope: tuple[Tensor, Tensor], chunk_tokens: int | None = None
     ) -> Tensor:
         n = z.shape[0]
-        step = n if not chunk_tokens or chunk_tokens >= n else chunk_tokens
-        compressed = torch.cat(
-            [self._compress(z[i : i + step], s_cond[i : i + step]) for i in range(0, n, step)]
-        )
+        if not chunk_tokens or chunk_tokens >= n:
+            mod = self._modulation(s_cond)  # kept for both halves: fastest when it fits
+            attn_out = self.attn(self._compress(z, mod).unflatten(0, (batch, -1)), rope).flatten(0, 1)
+            return self._expand(z, mod, attn_out)
+        # Chunked: the modulation of a slice lives only while that slice is processed (computed twice).
+        slices = [slice(i, i + chunk_tokens) for i in range(0, n, chunk_tokens)]
+        compressed = torch.cat([self._compress(z[sl], self._modulation(s_cond[sl])) for sl in slices])
         attn_out = self.attn(compressed.unflatten(0, (batch, -1)), rope).flatten(0, 1)
-        if step == n:
-            return self._expand(z, s_cond, attn_out)
         out: Tensor | None = None
-        for i in range(0, n, step):
-            piece = self._expand(z[i : i + step], s_cond[i : i + step], attn_out[i : i + step])
+        for sl in slices:
+            piece = self._expand(z[sl], self._modulation(s_cond[sl]), attn_out[sl])
             if out is None:  # allocate once the result dtype (autocast-dependent) is known
                 out = z.new_empty(z.shape, dtype=piece.dtype)
-            out[i : i + step] = piece
+            out[sl] = piece
         assert out is not None
         return out
 
