@@ -11,8 +11,9 @@ also runs under autocast; on CPU with fp32 weights, plain fp32.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from loguru import logger
@@ -36,6 +37,18 @@ from pid.text_encoder import NEGATIVE_PROMPT, CaptionEncoder
 NETWORK_TIME_SCALE = 1000.0  # the network sees 1000 * t
 UNDISTILLED_DEFAULT_STEPS = 25
 UNDISTILLED_DEFAULT_CFG = 5.0
+
+
+@dataclass
+class DecodeInputs:
+    """One decode's validated inputs on the decoder's device (see `PiDDecoder.prepare_inputs`)."""
+
+    lq_latent: Tensor  # [B, C, h, w] fp32 (bf16-rounded under autocast, as the reference)
+    embeds: Tensor  # [B, Lt, text_dim] fp32
+    sigma: Tensor  # [B] fp32
+    size: tuple[int, int]  # output (H, W)
+    generator: torch.Generator
+    noise: Tensor  # [B, 3, H, W] fp32: the first draw from `generator`
 
 
 def default_device() -> torch.device:
@@ -145,7 +158,9 @@ class PiDDecoder:
     # Speed knobs
     # ------------------------------------------------------------------------------------------
 
-    def compile(self, mode: str = "default", text_encoder: bool = True, backend: str = "inductor") -> PiDDecoder:
+    def compile(
+        self, mode: str = "default", text_encoder: bool = True, backend: str = "inductor"
+    ) -> PiDDecoder:
         """torch.compile the network (one static graph per output size, built on first use) and the
         caption encoder. `mode` "max-autotune" adds autotuning and CUDA graphs on GPUs."""
         self.compile_mode = mode
@@ -167,7 +182,9 @@ class PiDDecoder:
             return self.net
         if size not in self._compiled:
             options = {"mode": self.compile_mode} if self._compile_backend == "inductor" else {}
-            self._compiled[size] = torch.compile(self.net, backend=self._compile_backend, dynamic=False, **options)
+            self._compiled[size] = torch.compile(
+                self.net, backend=self._compile_backend, dynamic=False, **options
+            )
         return self._compiled[size]
 
     # ------------------------------------------------------------------------------------------
@@ -230,6 +247,27 @@ class PiDDecoder:
         of that shape per re-noising step; default seed 0. output_size: (H, W) or N (default
         latent size x stride). Returns fp32 [B, 3, H, W] on the decoder's device.
         """
+        inputs = self.prepare_inputs(
+            lq_latent, caption, caption_embeds, degrade_sigma, generator, seed, output_size
+        )
+        with self._autocast_ctx():
+            # The adapter does not depend on x_t or t: once per decode, not once per step.
+            features = self.net.encode_latent(inputs.lq_latent, inputs.sigma, inputs.size)
+        negative, cfg = self.guidance(cfg_scale, inputs.embeds.shape[0])
+        velocity = self.velocity_fn(self._net_for(inputs.size), inputs.embeds, features, negative, cfg)
+        return self.sample(velocity, inputs, steps, shift, progress)
+
+    def prepare_inputs(
+        self,
+        lq_latent: Tensor,
+        caption: str | Sequence[str] | None = None,
+        caption_embeds: Tensor | None = None,
+        degrade_sigma: float | Sequence[float] | Tensor = 0.0,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        output_size: int | tuple[int, int] | None = None,
+    ) -> DecodeInputs:
+        """Validated, device-placed inputs of one decode, and its initial noise (see `decode`)."""
         device = self.device
         batch = lq_latent.shape[0]
         if output_size is None:
@@ -239,7 +277,6 @@ class PiDDecoder:
         else:
             size = (int(output_size[0]), int(output_size[1]))
         self._check_inputs(lq_latent, size)
-
         embeds = self._caption_embeds(caption, caption_embeds, batch)
         lq_latent = lq_latent.to(device)
         if self.uses_autocast:
@@ -251,36 +288,45 @@ class PiDDecoder:
             raise ConfigError(f"degrade_sigma needs 1 or {batch} values, got {sigma.numel()}")
         if bool(((sigma < 0) | (sigma > 1)).any()):
             raise ConfigError(f"degrade_sigma must lie in [0, 1], got {sigma.tolist()}")
-
         if generator is None:
             generator = torch.Generator(device=device).manual_seed(0 if seed is None else int(seed))
         noise = torch.randn(
             (batch, 3, *size), generator=generator, device=generator.device, dtype=torch.float32
         )
-        noise = noise.to(device)
+        return DecodeInputs(lq_latent, embeds, sigma, size, generator, noise.to(device))
 
-        net = self._net_for(size)
-        with self._autocast_ctx():
-            features = self.net.encode_latent(lq_latent, sigma, size)  # once per decode, not per step
-        bar = tqdm(desc="PiD", unit="step", disable=not progress, leave=False)
+    def guidance(self, cfg_scale: float | None, batch: int) -> tuple[Tensor | None, float]:
+        """(negative caption embeddings or None, CFG scale): text CFG only for undistilled decoders."""
+        if self.distilled:
+            return None, 1.0
+        cfg = UNDISTILLED_DEFAULT_CFG if cfg_scale is None else float(cfg_scale)
+        if cfg == 1.0:
+            return None, cfg
+        return self.encode_captions([NEGATIVE_PROMPT]).expand(batch, -1, -1), cfg
 
+    def sample(
+        self,
+        velocity: Callable[[Tensor, float], Tensor],
+        inputs: DecodeInputs,
+        steps: int | None = None,
+        shift: float | None = None,
+        progress: bool = False,
+        calls_per_step: int = 1,
+    ) -> Tensor:
+        """Run this decoder's sampler from `inputs.noise` with `velocity`; images in [0, 1]."""
+        bar = tqdm(desc="PiD", unit="call", disable=not progress, leave=False)
+        tick = lambda *_: bar.update(calls_per_step)  # noqa: E731
         if self.distilled:
             schedule = distilled_schedule(4 if steps is None else steps)
-            bar.total = len(schedule) - 1
-            velocity = self._velocity_fn(net, embeds, features, None, 1.0)
-            x0 = sample_distilled(velocity, noise, schedule, generator, callback=lambda *_: bar.update())
+            bar.total = (len(schedule) - 1) * calls_per_step
+            x0 = sample_distilled(velocity, inputs.noise, schedule, inputs.generator, callback=tick)
         else:
             steps = UNDISTILLED_DEFAULT_STEPS if steps is None else steps
-            cfg = UNDISTILLED_DEFAULT_CFG if cfg_scale is None else float(cfg_scale)
             if shift is None and self.record is not None and self.record.dynamic_shift is not None:
-                shift = dynamic_shift(*size, *self.record.dynamic_shift)
+                shift = dynamic_shift(*inputs.size, *self.record.dynamic_shift)
             schedule = undistilled_schedule(steps, DEFAULT_SHIFT if shift is None else shift)
-            bar.total = steps
-            negative = None
-            if cfg != 1.0:
-                negative = self.encode_captions([NEGATIVE_PROMPT]).expand(batch, -1, -1)
-            velocity = self._velocity_fn(net, embeds, features, negative, cfg)
-            x0 = sample_dpm_solver(velocity, noise, schedule, callback=lambda *_: bar.update())
+            bar.total = steps * calls_per_step
+            x0 = sample_dpm_solver(velocity, inputs.noise, schedule, callback=tick)
         bar.close()
         return ((x0.clamp(-1, 1) + 1) / 2).float()
 
@@ -305,16 +351,24 @@ class PiDDecoder:
             )
         return caption_embeds
 
-    def _velocity_fn(
-        self, net, embeds: Tensor, features: LatentFeatures, negative: Tensor | None, cfg_scale: float
-    ):
+    def velocity_fn(
+        self,
+        net,
+        embeds: Tensor,
+        features: LatentFeatures,
+        negative: Tensor | None = None,
+        cfg_scale: float = 1.0,
+        pixel_offset: tuple[int, int] = (0, 0),
+    ) -> Callable[[Tensor, float], Tensor]:
+        """v(x, t_flow) of `net` under this decoder's precision, with text CFG when `negative` is given.
+        `pixel_offset`: where x sits in a larger image (tiled decoding)."""
         batch = embeds.shape[0]
 
         def velocity(x: Tensor, t_flow: float) -> Tensor:
             t = torch.full((batch,), t_flow, dtype=torch.float32, device=x.device) * NETWORK_TIME_SCALE
             with self._autocast_ctx():
                 if negative is None:
-                    return net(x, t, embeds, latent_features=features).float()
+                    return net(x, t, embeds, latent_features=features, pixel_offset=pixel_offset).float()
                 # text-only CFG: both branches see the same latent and sigma
                 both = LatentFeatures(
                     heads=[torch.cat([h, h]) for h in features.heads],

@@ -179,3 +179,19 @@ def test_random_init_build_is_fast_and_weights_are_initialised():
     assert time.perf_counter() - start < 5
     assert all(torch.isfinite(p).all() for p in net.parameters())
     assert net.pixel_blocks[0].norm1.weight.eq(1).all()
+
+
+def test_pixel_offset_shifts_only_the_pixel_embedding():
+    from pid.models.pixeldit import pixel_sincos_embedding
+
+    full = pixel_sincos_embedding(12, 20, 8)
+    window = pixel_sincos_embedding(4, 8, 8, offset=(6, 10))
+    assert torch.allclose(window, full[6:10, 10:18])
+    net = tiny_net()
+    inputs = _inputs(net.cfg)
+    with torch.no_grad():
+        plain = net(**inputs)
+        shifted = net(**inputs, pixel_offset=(16, 32))
+        again = net(**inputs)
+    assert (plain - shifted).abs().max() > 1e-4 and torch.equal(plain, again)
+    assert len(net._pos_cache) == 1  # offset tables are not cached

@@ -7,6 +7,8 @@ Read top to bottom: `SigmaGate` -> `LatentAdapter` -> `PiDNet.forward`.
 x_t [B, 3, H, W] noisy image (flow frame, [-1, 1] scale), t [B] network time (= 1000 * t_flow),
 caption_embeds [B, Lt, text_dim], lq_latent [B, C, h, w] in the LDM's normalised space,
 degrade_sigma [B] noise level of that latent in [0, 1]. Returns the velocity v = eps - x0.
+`pixel_offset` (keyword) places x_t inside a larger image for tiled decoding: the absolute pixel
+embedding then uses the whole-image coordinates (RoPE stays per input).
 H and W must be multiples of the patch size; the latent is aligned to the patch grid by
 nearest-neighbour resizing, so any (H, W) works, though training used H = h * lsdf * sr.
 """
@@ -165,11 +167,21 @@ class PiDNet(nn.Module):
 
     @torch.compiler.disable
     def positional_tables(
-        self, height: int, width: int, text_len: int, device: torch.device
+        self,
+        height: int,
+        width: int,
+        text_len: int,
+        device: torch.device,
+        pixel_offset: tuple[int, int] = (0, 0),
     ) -> tuple[Tensor, ...]:
+        """(RoPE cos/sin of the patch blocks, of the text, of the pixel blocks; pixel sin-cos table).
+
+        Cached per size; a table at a non-zero `pixel_offset` (a tile of a larger image) is made
+        per call instead, so tiling a huge image does not fill the cache with per-tile tables.
+        """
         key = (height, width, text_len, str(device))
+        cfg = self.cfg
         if key not in self._pos_cache:
-            cfg = self.cfg
             grid_h, grid_w = height // cfg.patch_size, width // cfg.patch_size
             patch_hd = cfg.hidden_size // cfg.num_heads
             pixel_hd = cfg.pixel_attn_hidden_size // cfg.pixel_num_heads
@@ -180,7 +192,11 @@ class PiDNet(nn.Module):
                 *rope_table(rope_2d_angles(grid_h, grid_w, pixel_hd, *rope_args)),
                 pixel_sincos_embedding(height, width, cfg.pixel_hidden_size, device),
             )
-        return self._pos_cache[key]
+        tables = self._pos_cache[key]
+        if tuple(pixel_offset) == (0, 0):
+            return tables
+        offset = (int(pixel_offset[0]), int(pixel_offset[1]))
+        return (*tables[:-1], pixel_sincos_embedding(height, width, cfg.pixel_hidden_size, device, offset=offset))
 
     # ------------------------------------------------------------------------------------------
     # Latent adapter (once per decode)
@@ -213,6 +229,7 @@ class PiDNet(nn.Module):
         degrade_sigma: Tensor | float = 0.0,
         *,
         latent_features: LatentFeatures | None = None,
+        pixel_offset: tuple[int, int] = (0, 0),
     ) -> Tensor:
         cfg = self.cfg
         batch, _, height, width = x_t.shape
@@ -233,7 +250,7 @@ class PiDNet(nn.Module):
         y = caption_embeds[:, : cfg.text_max_length]
         text_len = y.shape[1]
         rope_cos, rope_sin, text_cos, text_sin, pix_cos, pix_sin, pixel_pos = self.positional_tables(
-            height, width, text_len, x_t.device
+            height, width, text_len, x_t.device, pixel_offset
         )
 
         # Patch tokens [B, L, 3*P*P], features ordered (channel, row-in-patch, col-in-patch).
