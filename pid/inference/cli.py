@@ -150,6 +150,19 @@ def parse_resolution(value: Any) -> tuple[int, int] | None:
     raise ConfigError(f"resolution must be N or W,H (e.g. 2048 or 2304,1728), got {value!r}")
 
 
+def chunk_setting(cfg: DictConfig) -> int | str | None:
+    """`pid_chunk`: "auto" (sized from free memory), a number of patches, or null/0 (off)."""
+    value = cfg.pid_chunk
+    if value in (None, 0, "none", "off"):
+        return None
+    if value == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f'pid_chunk must be auto, a number of patches or null, got {value!r}') from None
+
+
 def resolve_decoder(cfg: DictConfig) -> tuple[Any, int]:
     """(checkpoint record, scale) for the config: the backbone's default decoder type unless
     `pid_ckpt_type` names one (a type the backbone lacks is a one-line error listing valid ones); the

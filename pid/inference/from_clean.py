@@ -31,6 +31,7 @@ from pid.errors import ConfigError, PiDError
 from pid.inference import distributed as dist
 from pid.inference.cli import (
     COMMON_FLAGS,
+    chunk_setting,
     compose,
     resolve_decoder,
     run_cli,
@@ -51,6 +52,7 @@ from pid.inference.io import (
     write_json,
 )
 from pid.metrics import resize_to, summarize
+from pid.tiling import decode_within_memory
 
 FROM_CLEAN_FLAGS = {
     **COMMON_FLAGS,
@@ -204,8 +206,9 @@ def _evaluate(cfg, plan: CleanPlan, decoder, space, sample: Sample, device) -> l
             vae = ((space.decode(latent).float().clamp(-1, 1) + 1) / 2).cpu()
         vae_s = time.perf_counter() - start
         start = time.perf_counter()
-        pid = decoder.decode(
-            latent, caption_embeds=embeds, degrade_sigma=sigma, steps=cfg.pid_steps, seed=seed,
+        pid = decode_within_memory(
+            decoder, latent, chunk=chunk_setting(cfg), tile_size=cfg.pid_tile, overlap=cfg.pid_tile_overlap,
+            caption_embeds=embeds, degrade_sigma=sigma, steps=cfg.pid_steps, seed=seed,
             output_size=output_size, cfg_scale=cfg.pid_cfg_scale, shift=cfg.pid_shift,
         ).cpu()
         pid_s = time.perf_counter() - start

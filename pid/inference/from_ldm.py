@@ -28,6 +28,7 @@ from pid.errors import ConfigError, PiDError
 from pid.inference import distributed as dist
 from pid.inference.cli import (
     COMMON_FLAGS,
+    chunk_setting,
     compose,
     parse_resolution,
     resolve_decoder,
@@ -45,6 +46,7 @@ from pid.inference.io import (
     unit_to_uint8,
     write_image,
 )
+from pid.tiling import decode_within_memory
 
 FROM_LDM_FLAGS = {
     **COMMON_FLAGS,
@@ -205,8 +207,6 @@ def build_decoder(cfg: DictConfig, plan: RunPlan, device: torch.device):
         checkpoint_dir=cfg.checkpoint_dir,
         text_encoder=cfg.text_encoder,
     )
-    if cfg.pid_chunk:
-        decoder.set_pixel_chunking(int(cfg.pid_chunk))
     if cfg.compile:
         decoder.compile()
     return decoder
@@ -372,8 +372,12 @@ def _decode_and_save(cfg, plan: RunPlan, decoder, space, index: int, caption: st
     for start in range(0, len(captures), batch):
         group = captures[start : start + batch]
         t0 = time.perf_counter()
-        images = decoder.decode(
+        images = decode_within_memory(
+            decoder,
             torch.cat([c.latent for c in group]),
+            chunk=chunk_setting(cfg),
+            tile_size=cfg.pid_tile,
+            overlap=cfg.pid_tile_overlap,
             caption_embeds=embeds,
             degrade_sigma=[min(max(c.sigma, 0.0), 1.0) for c in group],
             steps=cfg.pid_steps,
