@@ -241,6 +241,20 @@ def _resident_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
+def _time_and_peak(run, device: torch.device, args) -> dict:
+    """Latency and activation peak of `run`, or {"error": "out of memory"} (reported, not raised)."""
+    try:
+        res = time_runs(run, device, args.warmup, args.runs)
+        res["peak_activation_bytes"] = peak_memory(run, device)
+    except RuntimeError as exc:
+        if not _is_oom(exc):
+            raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"error": "out of memory"}
+    return res
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -377,15 +391,9 @@ def bench_vae(vae, latent: torch.Tensor, args: argparse.Namespace, device: torch
     def run() -> None:
         vae.decode(z, return_dict=False)
 
-    try:
-        res = time_runs(run, device, args.warmup, args.runs)
-        res["peak_activation_bytes"] = peak_memory(run, device)
-    except RuntimeError as exc:
-        if not _is_oom(exc):
-            raise
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return {"error": "out of memory"}
+    res = _time_and_peak(run, device, args)
+    if "error" in res:
+        return res
     res["output"] = f"{latent.shape[-2] * 8}x{latent.shape[-1] * 8}"
     return res
 
@@ -526,15 +534,9 @@ def bench_reference(
     def run() -> None:
         out[:] = [reference_decode(ref, latent, embeds, args.steps, args.seed, size, autocast)]
 
-    try:
-        res = time_runs(run, device, args.warmup, args.runs)
-        res["peak_activation_bytes"] = peak_memory(run, device)
-    except RuntimeError as exc:
-        if not _is_oom(exc):
-            raise
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return {"error": "out of memory"}
+    res = _time_and_peak(run, device, args)
+    if "error" in res:
+        return res
     res["peak_total_bytes"] = _resident_bytes(ref) + res["peak_activation_bytes"]
     if "median_s" in ours_row:
         res["time_ratio_ours_over_ref"] = ours_row["median_s"] / res["median_s"]
