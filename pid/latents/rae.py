@@ -341,14 +341,11 @@ def strip_final_norm_affine(encoder: nn.Module) -> nn.Module:
     return encoder
 
 
-class DinoV2LatentSpace(LatentSpace):
-    name = "dinov2"
-    default_channels = 768
-    native_resolution = 512
+class TokenLatentSpace(LatentSpace):
+    """Representation-autoencoder latents: a vision encoder's patch tokens as a [B, C, h, w] grid."""
+
     has_pipeline = False
-    decoder_file = "rae/decoders/dinov2/wReg_base/ViTXL_n08_i512/model.pt"
-    stats_file = "rae/stats/dinov2/wReg_base/imagenet1k_512/stat.pt"
-    decoder_config = ViTDecoderConfig()  # ViT-XL, patch 16, 32x32 tokens -> 512 px
+    autoencoder_class: type[nn.Module]
 
     @property
     def channels(self) -> int:
@@ -356,7 +353,33 @@ class DinoV2LatentSpace(LatentSpace):
 
     @property
     def downsample(self) -> int:
-        return 16  # virtual: 512 px <-> 32x32 tokens (DINOv2 itself sees 448 px at patch 14)
+        # virtual: image px per token at the native size (the encoders see 448 / 224 px at patch 14)
+        return 16
+
+    def _check_vae(self, vae: Any) -> None:
+        if not isinstance(vae, self.autoencoder_class):
+            raise ConfigError(
+                f"{self.name} attaches a {self.autoencoder_class.__name__}, not {type(vae).__name__}"
+            )
+
+    def _encode_raw(self, images: Tensor) -> Tensor:
+        return self.vae.encode_features(images)
+
+    def _decode_raw(self, raw: Tensor) -> Tensor:
+        return self.vae.decode_features(raw)
+
+    def from_pipeline_latent(self, latent: Tensor, height: int, width: int) -> Tensor:
+        return tokens_as_grid(latent)
+
+
+class DinoV2LatentSpace(TokenLatentSpace):
+    name = "dinov2"
+    default_channels = 768
+    native_resolution = 512
+    autoencoder_class = RAEAutoencoder
+    decoder_file = "rae/decoders/dinov2/wReg_base/ViTXL_n08_i512/model.pt"
+    stats_file = "rae/stats/dinov2/wReg_base/imagenet1k_512/stat.pt"
+    decoder_config = ViTDecoderConfig()  # ViT-XL, patch 16, 32x32 tokens -> 512 px
 
     def load(
         self,
@@ -381,10 +404,6 @@ class DinoV2LatentSpace(LatentSpace):
         self.vae = rae.to(dev)
         return self
 
-    def _check_vae(self, vae: Any) -> None:
-        if not isinstance(vae, RAEAutoencoder):
-            raise ConfigError(f"dinov2 attaches an RAEAutoencoder, not {type(vae).__name__}")
-
     def normalize(self, raw: Tensor) -> Tensor:
         rae = self._require_vae("dinov2 latent normalisation")
         mean, var = rae.latent_mean.to(raw.device), rae.latent_var.to(raw.device)
@@ -394,15 +413,6 @@ class DinoV2LatentSpace(LatentSpace):
         rae = self._require_vae("dinov2 latent normalisation")
         mean, var = rae.latent_mean.to(latent.device), rae.latent_var.to(latent.device)
         return (latent.float() * torch.sqrt(var + STATS_EPS) + mean).to(latent.dtype)
-
-    def _encode_raw(self, images: Tensor) -> Tensor:
-        return self.vae.encode_features(images)
-
-    def _decode_raw(self, raw: Tensor) -> Tensor:
-        return self.vae.decode_features(raw)
-
-    def from_pipeline_latent(self, latent: Tensor, height: int, width: int) -> Tensor:
-        return tokens_as_grid(latent)
 
 
 def tokens_as_grid(latent: Tensor) -> Tensor:

@@ -15,7 +15,6 @@ nvidia/PiD hub repo (as published by the Scale-RAE authors, github.com/ZitengWan
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +22,19 @@ from torch import Tensor, nn
 
 from pid.errors import ConfigError
 from pid.latents.base import (
-    LatentSpace,
     default_device,
     default_dtype,
     finish_module,
     module_device_dtype,
     tokens_to_grid,
 )
-from pid.latents.rae import ViTDecoderConfig, ViTMAEDecoder, hf_pretrained, load_vit_decoder, tokens_as_grid
+from pid.latents.rae import (
+    TokenLatentSpace,
+    ViTDecoderConfig,
+    ViTMAEDecoder,
+    hf_pretrained,
+    load_vit_decoder,
+)
 
 SIGLIP_REPO = "google/siglip2-so400m-patch14-224"
 SIGLIP_MEAN = (0.5, 0.5, 0.5)  # SigLIP's image processor
@@ -128,21 +132,13 @@ def strip_post_layernorm(encoder: nn.Module) -> nn.Module:
     return encoder
 
 
-class SigLIPLatentSpace(LatentSpace):
+class SigLIPLatentSpace(TokenLatentSpace):
     name = "siglip"
     default_channels = 1152
     native_resolution = 256
-    has_pipeline = False
+    autoencoder_class = ScaleRAEAutoencoder
     decoder_file = "scale_rae/decoder/siglip2_sop14_i224_web73M_ganw3_decXL.pt"
     decoder_config_file = "scale_rae/decoder/XL_decoder_config.json"
-
-    @property
-    def channels(self) -> int:
-        return self.vae.width if self.vae is not None else self.default_channels
-
-    @property
-    def downsample(self) -> int:
-        return 16  # virtual: 256 px <-> 16x16 tokens (SigLIP itself sees 224 px at patch 14)
 
     def load(
         self,
@@ -171,21 +167,8 @@ class SigLIPLatentSpace(LatentSpace):
         self.vae = rae.to(dev)
         return self
 
-    def _check_vae(self, vae: Any) -> None:
-        if not isinstance(vae, ScaleRAEAutoencoder):
-            raise ConfigError(f"siglip attaches a ScaleRAEAutoencoder, not {type(vae).__name__}")
-
     def normalize(self, raw: Tensor) -> Tensor:
         return layer_norm_channels(raw)
 
     def denormalize(self, latent: Tensor) -> Tensor:
         return latent  # the decoder reads LayerNorm-ed tokens; the norm is not inverted
-
-    def _encode_raw(self, images: Tensor) -> Tensor:
-        return self.vae.encode_features(images)
-
-    def _decode_raw(self, raw: Tensor) -> Tensor:
-        return self.vae.decode_features(raw)
-
-    def from_pipeline_latent(self, latent: Tensor, height: int, width: int) -> Tensor:
-        return tokens_as_grid(latent)
