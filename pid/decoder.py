@@ -20,7 +20,7 @@ from loguru import logger
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pid.checkpoints import CheckpointRecord, load_pid_state_dict, lookup, resolve_checkpoint
+from pid.checkpoints import CheckpointRecord, ckpt_types, load_pid_state_dict, lookup, resolve_checkpoint
 from pid.errors import ConfigError
 from pid.models import PiDNet, build_pid_net
 from pid.models.pid_net import LatentFeatures
@@ -101,8 +101,6 @@ class PiDDecoder:
         text_encoder: a CaptionEncoder, a repo id / local folder of Gemma-2, or None for the
         default `Efficient-Large-Model/gemma-2-2b-it`.
         """
-        from pid.checkpoints import ckpt_types
-
         if ckpt_type == "2k" and "2k" not in ckpt_types(backbone):
             ckpt_type = None
         record = lookup(backbone, ckpt_type)
