@@ -99,3 +99,26 @@ def test_validation_errors():
         plan_run(load_config(["backbone=flux"]))
     cfg = load_config(["--backbone", "sd3", "--input_path", "a.png", "--degrade_sigmas", "0", "0.3", "--seed", "7"])
     assert list(cfg.degrade_sigmas) == [0, 0.3] and cfg.seed == 7 and cfg.input_path == "a.png"
+
+
+def test_dinov2_backbone_resizes_internally_and_reports_metrics(tmp_path):
+    from test_latents_models import tiny_rae
+
+    from pid.checkpoints import lookup
+    from pid.decoder import PiDDecoder
+
+    from tiny import tiny_caption_encoder, tiny_net
+
+    manifest = _write_images(tmp_path / "data" / "imgs")
+    space = get_space("dinov2").attach(tiny_rae())
+    record = lookup("dinov2", "2k")
+    decoder = PiDDecoder(tiny_net(record.net_config, latent_channels=16), record, tiny_caption_encoder())
+    cfg = load_config(["backbone=dinov2", f"manifest={manifest}", "pid_steps=1", "scale=1",
+                       f"output_dir={tmp_path / 'out'}", "device=cpu"])
+    summary = run(cfg, decoder=decoder, latent_space=space)
+    out = next((tmp_path / "out").iterdir())
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(rows) == 6 and len(summary["failures"]) == 4
+    # the encoder sees 448 px whatever the input; its 32x32 grid decodes to 512 px (PiD x1 here)
+    assert {r["output_size"] for r in rows} == {"512x512"}
+    assert rows[0]["input_size"] == "48x32"
