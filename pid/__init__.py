@@ -24,6 +24,9 @@ _EXPORTS = {
     "PiDNet": "pid.models",
     "PiDNetConfig": "pid.models",
     "CaptionEncoder": "pid.text_encoder",
+    "decode_tiled": "pid.tiling",
+    "decode_within_memory": "pid.tiling",
+    "estimate_decode_memory": "pid.memory",
     "latents": "pid.latents",
 }
 
