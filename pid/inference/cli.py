@@ -114,6 +114,11 @@ def compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    if not (CONFIG_DIR / f"{config_name}.yaml").is_file():
+        raise ConfigError(
+            f"the Hydra configs are not at {CONFIG_DIR}; install pid from a source checkout with "
+            f'pip install -e ".[dev]" (the configs/ folder lives beside the package)'
+        )
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
