@@ -66,7 +66,7 @@ class CheckpointRecord:
 
     @property
     def download_command(self) -> str:
-        return f"hf download {HUB_REPO} {self.hub_path} --local-dir ."
+        return download_command(f"{self.folder}/{CHECKPOINT_FILENAME}")
 
 
 def _rec(

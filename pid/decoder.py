@@ -195,9 +195,15 @@ class PiDDecoder:
             raise ConfigError("this decoder has no text encoder; pass caption_embeds= or build it with one")
         return self.text_encoder.encode(captions).to(self.device)
 
-    def output_size_for(self, lq_latent: Tensor) -> tuple[int, int]:
-        """Default output size: latent size x latent stride x scale (e.g. 64 -> 2048 for Flux 4x)."""
-        return lq_latent.shape[-2] * self.output_stride, lq_latent.shape[-1] * self.output_stride
+    def output_size_for(
+        self, lq_latent: Tensor, output_size: int | tuple[int, int] | None = None
+    ) -> tuple[int, int]:
+        """`output_size` as (H, W); by default latent size x latent stride x scale (64 -> 2048 for Flux 4x)."""
+        if output_size is None:
+            return lq_latent.shape[-2] * self.output_stride, lq_latent.shape[-1] * self.output_stride
+        if isinstance(output_size, int):
+            return output_size, output_size
+        return int(output_size[0]), int(output_size[1])
 
     def _check_inputs(self, lq_latent: Tensor, size: tuple[int, int]) -> None:
         if lq_latent.ndim != 4:
@@ -268,12 +274,7 @@ class PiDDecoder:
         """Validated, device-placed inputs of one decode, and its initial noise (see `decode`)."""
         device = self.device
         batch = lq_latent.shape[0]
-        if output_size is None:
-            size = self.output_size_for(lq_latent)
-        elif isinstance(output_size, int):
-            size = (output_size, output_size)
-        else:
-            size = (int(output_size[0]), int(output_size[1]))
+        size = self.output_size_for(lq_latent, output_size)
         self._check_inputs(lq_latent, size)
         embeds = self._caption_embeds(caption, caption_embeds, batch)
         lq_latent = lq_latent.to(device)

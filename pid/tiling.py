@@ -145,7 +145,7 @@ def decode_tiled(
     if positions not in ("global", "tile"):
         raise ConfigError(f'positions must be "global" or "tile", got {positions!r}')
     batch = lq_latent.shape[0]
-    size = _output_size(decoder, lq_latent, output_size)
+    size = decoder.output_size_for(lq_latent, output_size)
     if size[0] % lq_latent.shape[-2] or size[1] % lq_latent.shape[-1]:
         raise ConfigError(
             f"tiled decoding needs an output size that is a whole number of px per latent cell; "
@@ -217,7 +217,7 @@ def decode_within_memory(
         return decode_tiled(decoder, lq_latent, tile_size=tile_size, overlap=overlap, **decode_kwargs)
     previous = decoder.net.pixel_chunk_tokens
     if chunk == "auto":
-        size = _output_size(decoder, lq_latent, decode_kwargs.get("output_size"))
+        size = decoder.output_size_for(lq_latent, decode_kwargs.get("output_size"))
         weights = next(decoder.net.parameters()).dtype
         activations = torch.bfloat16 if decoder.uses_autocast else weights
         cfg_batch = 1 if decoder.distilled or decode_kwargs.get("cfg_scale") == 1.0 else 2
@@ -238,16 +238,6 @@ def decode_within_memory(
         return decoder.decode(lq_latent, **decode_kwargs)
     finally:
         decoder.set_pixel_chunking(previous)
-
-
-def _output_size(
-    decoder: PiDDecoder, lq_latent: Tensor, output_size: int | tuple[int, int] | None
-) -> tuple[int, int]:
-    if output_size is None:
-        return decoder.output_size_for(lq_latent)
-    if isinstance(output_size, int):
-        return (output_size, output_size)
-    return (int(output_size[0]), int(output_size[1]))
 
 
 def estimate_tiled_decode_memory(
