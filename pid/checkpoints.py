@@ -4,9 +4,11 @@
     path = resolve_checkpoint(record)               # local file, or a download from nvidia/PiD
     state = load_pid_state_dict(path)               # bare network names, strictly checked later
 
-Files are found, in order: an explicit path; `$PID_CHECKPOINT_DIR/<folder>/model_ema_bf16.pth`;
-`./checkpoints/<folder>/model_ema_bf16.pth` (the hub repo's layout); the Hugging Face cache /
-a download of just that file. Nothing is ever unpickled beyond plain tensors.
+Files are found, in order: an explicit path; the local roots (`checkpoint_dir`,
+`$PID_CHECKPOINT_DIR`, `./checkpoints`, `./checkpoints_deprecated`, see `search_folders`); the
+Hugging Face cache / a download of just that file from nvidia/PiD (its current hub folder first,
+then the other one: the June `2kto4k` decoders moved to `checkpoints_deprecated/`). Nothing is
+ever unpickled beyond plain tensors.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import os
 import pickle
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,10 +24,22 @@ from loguru import logger
 from torch import Tensor
 
 from pid.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError
-from pid.models.configs import NET_CONFIGS
+from pid.models.configs import (
+    NET_CONFIGS,
+    PiDNetConfig,
+    get_net_config,
+    net_config_from_value,
+    released_name,
+)
 
 HUB_REPO = "nvidia/PiD"
 CHECKPOINT_FILENAME = "model_ema_bf16.pth"
+# Top-level folders of the hub repo that hold decoder folders: the current releases, and the
+# June 2026 `2kto4k` decoders the v1.5 release moved aside (upstream README users have them
+# under `checkpoints/`).
+HUB_DIR = "checkpoints"
+DEPRECATED_HUB_DIR = "checkpoints_deprecated"
+HUB_DIRS = (HUB_DIR, DEPRECATED_HUB_DIR)
 CKPT_TYPES = ("2k", "2kto4k", "2kto4k_v1pt5", "undistilled")
 
 # Key prefixes of a training checkpoint that are not the decoder network (dropped on load).
@@ -53,11 +67,24 @@ class CheckpointRecord:
     latent_space: str
     sampler: str = "distilled"
     dynamic_shift: tuple[float, int] | None = None
+    hub_dir: str = HUB_DIR
+    newer: str | None = None
 
     @property
     def hub_path(self) -> str:
-        """Path of the weight file inside the hub repo."""
-        return f"checkpoints/{self.folder}/{CHECKPOINT_FILENAME}"
+        """Path of the weight file inside the hub repo, where the hub has it now."""
+        return f"{self.hub_dir}/{self.folder}/{CHECKPOINT_FILENAME}"
+
+    @property
+    def hub_paths(self) -> tuple[str, ...]:
+        """Every place the hub repo may hold the weight file: the current one first."""
+        dirs = (self.hub_dir, *(d for d in HUB_DIRS if d != self.hub_dir))
+        return tuple(f"{d}/{self.folder}/{CHECKPOINT_FILENAME}" for d in dirs)
+
+    @property
+    def deprecated(self) -> bool:
+        """Whether the hub moved this decoder to `checkpoints_deprecated/`."""
+        return self.hub_dir == DEPRECATED_HUB_DIR
 
     @property
     def default_resolution(self) -> int:
@@ -66,7 +93,8 @@ class CheckpointRecord:
 
     @property
     def download_command(self) -> str:
-        return download_command(f"{self.folder}/{CHECKPOINT_FILENAME}")
+        """The `hf download` command for this decoder's file, at its current hub path."""
+        return hub_download_command(self.hub_path)
 
 
 def _rec(
@@ -77,6 +105,10 @@ def _rec(
 
 
 _V15_SHIFT = (6.0, 2048)
+# v1 multi-resolution (`2kto4k`) decoders: SD3-style dynamic shift (spec inference.md §1.1, §1.4). The
+# distilled sampler never reads it; it is kept so the records describe the released experiments.
+_V1_MULTIRES_SHIFT = (4.0, 1024)
+_V15 = "2kto4k_v1pt5"
 _CANONICAL: dict[tuple[str, str], CheckpointRecord] = {
     (r.backbone, r.ckpt_type): r
     for r in [
@@ -100,7 +132,7 @@ _CANONICAL: dict[tuple[str, str], CheckpointRecord] = {
             "PiD_res2kto4k_sr4x_official_sd3_distill_4step",
             "v1_latent16ch",
             "sd3",
-            dynamic_shift=(4.0, 1024),
+            dynamic_shift=_V1_MULTIRES_SHIFT,
         ),
         _rec(
             "sdxl",
@@ -108,7 +140,39 @@ _CANONICAL: dict[tuple[str, str], CheckpointRecord] = {
             "PiD_res2kto4k_sr4x_official_sdxl_distill_4step",
             "v1_sdxl_latent4ch",
             "sdxl",
-            dynamic_shift=(4.0, 1024),
+            dynamic_shift=_V1_MULTIRES_SHIFT,
+        ),
+        # The upstream README's (2026-06-02) `2kto4k` decoders, now in checkpoints_deprecated/ on the
+        # hub and superseded by the v1.5 ones (spec inference.md §1.2a).
+        _rec(
+            "flux",
+            "2kto4k",
+            "PiD_res2kto4k_sr4x_official_flux_distill_4step",
+            "v1_latent16ch",
+            "flux",
+            dynamic_shift=_V1_MULTIRES_SHIFT,
+            hub_dir=DEPRECATED_HUB_DIR,
+            newer=_V15,
+        ),
+        _rec(
+            "flux2",
+            "2kto4k",
+            "PiD_res2kto4k_sr4x_official_flux2_distill_4step_2606",
+            "v1_flux2_latent128ch",
+            "flux2",
+            dynamic_shift=_V1_MULTIRES_SHIFT,
+            hub_dir=DEPRECATED_HUB_DIR,
+            newer=_V15,
+        ),
+        _rec(
+            "qwenimage",
+            "2kto4k",
+            "PiD_res2kto4k_sr4x_official_qwenimage_distill_4step",
+            "v1_latent16ch",
+            "qwenimage",
+            dynamic_shift=_V1_MULTIRES_SHIFT,
+            hub_dir=DEPRECATED_HUB_DIR,
+            newer=_V15,
         ),
         _rec(
             "flux",
@@ -179,16 +243,7 @@ def _build_registry() -> dict[tuple[str, str], CheckpointRecord]:
     for alias, target in ALIASES.items():
         for (backbone, ckpt_type), record in _CANONICAL.items():
             if backbone == target:
-                registry[(alias, ckpt_type)] = CheckpointRecord(
-                    alias,
-                    ckpt_type,
-                    record.folder,
-                    record.net_config,
-                    record.scale,
-                    record.latent_space,
-                    record.sampler,
-                    record.dynamic_shift,
-                )
+                registry[(alias, ckpt_type)] = replace(record, backbone=alias)
     return registry
 
 
@@ -207,7 +262,8 @@ def ckpt_types(backbone: str) -> list[str]:
 
 
 def default_ckpt_type(backbone: str) -> str:
-    """`2k` where it exists, else the backbone's first distilled type (sdxl: 2kto4k, qwen: 2kto4k_v1pt5)."""
+    """`2k` where it exists, else the backbone's first distilled type in CKPT_TYPES order: `2kto4k`
+    for sdxl, qwenimage and qwenimage-2512 (the upstream README's table)."""
     types = [t for t in ckpt_types(backbone) if t != "undistilled"]
     if not types:
         raise ConfigError(f"unknown backbone {backbone!r}; choose one of: {', '.join(backbones())}")
@@ -235,18 +291,64 @@ def lookup(backbone: str, ckpt_type: str | None = None) -> CheckpointRecord:
 
 
 def checkpoint_roots(checkpoint_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Local folders searched for files laid out like the hub repo's `checkpoints/` folder."""
+    """The local roots, in search order: `checkpoint_dir`, `$PID_CHECKPOINT_DIR`, `./checkpoints`,
+    `./checkpoints_deprecated`. Each is a folder laid out like the hub repo's `checkpoints/` (or
+    `checkpoints_deprecated/`) folder, or a whole local copy of the repo (see `search_folders`)."""
     roots = []
     if checkpoint_dir:
-        roots.append(Path(checkpoint_dir))
+        roots.append(Path(checkpoint_dir).expanduser())
     if os.environ.get("PID_CHECKPOINT_DIR"):
-        roots.append(Path(os.environ["PID_CHECKPOINT_DIR"]))
-    roots.append(Path("checkpoints"))
-    return [root.absolute() for root in roots]
+        roots.append(Path(os.environ["PID_CHECKPOINT_DIR"]).expanduser())
+    roots += [Path(HUB_DIR), Path(DEPRECATED_HUB_DIR)]
+    return list(dict.fromkeys(root.absolute() for root in roots))
 
 
-def download_command(relative_path: str) -> str:
-    return f"hf download {HUB_REPO} checkpoints/{relative_path.strip('/')} --local-dir ."
+def search_folders(checkpoint_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Folders whose `<relative path>` may hold a hub file, in order.
+
+    For each root R: R itself, then R/checkpoints and R/checkpoints_deprecated (R is a copy of the
+    whole repo, as `hf download nvidia/PiD --local-dir R` makes), then, for a root named
+    `checkpoints`, its sibling `checkpoints_deprecated` (where the same command put the moved
+    decoders).
+    """
+    folders: list[Path] = []
+    for root in checkpoint_roots(checkpoint_dir):
+        folders.append(root)
+        if root.name not in HUB_DIRS:
+            folders += [root / d for d in HUB_DIRS]
+        elif root.name == HUB_DIR:
+            folders.append(root.parent / DEPRECATED_HUB_DIR)
+    return list(dict.fromkeys(folders))
+
+
+def hub_download_command(hub_path: str, revision: str | None = None) -> str:
+    """`hf download nvidia/PiD <hub_path> --local-dir .` (a folder is fetched with --include)."""
+    from pid.hub import download_command as hub_command
+
+    return hub_command(HUB_REPO, hub_path, revision, local_dir=".")
+
+
+def download_command(relative_path: str, revision: str | None = None) -> str:
+    """The download command of `checkpoints/<relative_path>`."""
+    return hub_download_command(f"{HUB_DIR}/{relative_path.strip('/')}", revision)
+
+
+def find_local(
+    relative_path: str, checkpoint_dir: str | os.PathLike | None = None, is_dir: bool = False
+) -> Path | None:
+    """The first local copy of `relative_path` (relative to a hub folder) in `search_folders`, or None.
+
+    An empty folder does not count (an interrupted download leaves one behind).
+    """
+    relative_path = relative_path.strip("/")
+    for folder in search_folders(checkpoint_dir):
+        candidate = folder / relative_path
+        if is_dir:
+            if candidate.is_dir() and any(candidate.iterdir()):
+                return candidate
+        elif candidate.is_file():
+            return candidate
+    return None
 
 
 def resolve_hub_path(
@@ -254,44 +356,53 @@ def resolve_hub_path(
     checkpoint_dir: str | os.PathLike | None = None,
     download: bool = True,
     is_dir: bool = False,
+    revision: str | None = None,
+    hub_dirs: tuple[str, ...] = (HUB_DIR,),
 ) -> Path:
-    """Find `checkpoints/<relative_path>` of the hub repo locally, else download it.
+    """Find `<hub dir>/<relative_path>` of the hub repo locally, else download it.
 
-    `is_dir=True` fetches a whole folder (e.g. `sd3_vae`). Offline and absent: raises
-    `CheckpointNotFoundError` whose message is the exact `hf download` command.
+    `is_dir=True` fetches a whole folder (e.g. `sd3_vae`). `hub_dirs`: the repo folders to try, in
+    order (a decoder moved to `checkpoints_deprecated/` passes both). `revision`: a branch, tag or
+    commit of nvidia/PiD (default: main). Not found: a one-line `CheckpointNotFoundError` (a
+    `pid.hub.HubAccessError` when the hub said why) whose offline advice is the exact `hf download`
+    command for the first hub dir.
     """
+    from pid.hub import HubAccessError, HubFileMissingError, HubOfflineError
+
     relative_path = relative_path.strip("/")
-    roots = checkpoint_roots(checkpoint_dir)
-    for root in roots:
-        candidate = root / relative_path
-        if candidate.is_dir() if is_dir else candidate.is_file():
-            return candidate
-    searched = ", ".join(str(r) for r in roots)
-    missing = CheckpointNotFoundError(
-        f"checkpoints/{relative_path} not found (searched {searched}); download it with: "
-        f"{download_command(relative_path)}"
-    )
+    found = find_local(relative_path, checkpoint_dir, is_dir)
+    if found is not None:
+        return found
+    first = f"{hub_dirs[0]}/{relative_path}"
+    command = hub_download_command(first, revision)
+    searched = ", ".join(str(r) for r in checkpoint_roots(checkpoint_dir))
     if not download:
-        raise missing
-    try:
-        return _hub_download(relative_path, is_dir)
-    except Exception as exc:  # offline, no such file, no access: all end in the same advice
-        logger.debug("hub download of {} failed: {!r}", relative_path, exc)
-        raise missing from exc
+        raise CheckpointNotFoundError(
+            f"{first} not found (searched {searched}); download it with: {command}"
+        )
+    errors: list[HubAccessError] = []
+    for hub_dir in hub_dirs:
+        try:
+            return _hub_download(f"{hub_dir}/{relative_path}", is_dir, revision, command)
+        except (HubFileMissingError, HubOfflineError) as exc:
+            errors.append(exc)  # the other hub dir may have it (or have it cached)
+    offline = [e for e in errors if isinstance(e, HubOfflineError)]
+    if offline:
+        raise HubOfflineError(f"{offline[0]} (also searched {searched})") from offline[0]
+    tried = " or ".join(f"{d}/{relative_path}" for d in hub_dirs)
+    raise HubFileMissingError(
+        f"{tried} is neither in {HUB_REPO}{f' at revision {revision}' if revision else ''} nor local "
+        f"(searched {searched})"
+    ) from errors[-1]
 
 
-def _hub_download(relative_path: str, is_dir: bool) -> Path:
-    from huggingface_hub import hf_hub_download, snapshot_download
+def _hub_download(hub_path: str, is_dir: bool, revision: str | None, command: str) -> Path:
+    from pid.hub import hub_file, hub_folder
 
-    hub_path = f"checkpoints/{relative_path}"
     if is_dir:
-        root = snapshot_download(HUB_REPO, allow_patterns=[f"{hub_path}/*"])
-        path = Path(root) / hub_path
-        if not path.is_dir():
-            raise FileNotFoundError(hub_path)
-        return path
-    logger.info("downloading {} from {}", hub_path, HUB_REPO)
-    return Path(hf_hub_download(HUB_REPO, hub_path))
+        return hub_folder(HUB_REPO, hub_path, revision, command)
+    logger.info("fetching {} from {} (cache first)", hub_path, HUB_REPO)
+    return hub_file(HUB_REPO, hub_path, revision, command)
 
 
 def resolve_checkpoint(
@@ -299,23 +410,70 @@ def resolve_checkpoint(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     download: bool = True,
+    revision: str | None = None,
 ) -> Path:
     """The weight file of `record`: `checkpoint` if given (must exist), else located/downloaded.
 
     A converted `.safetensors` beside the `.pth` (see `python -m pid.convert`) is preferred.
+    `revision`: branch, tag or commit of nvidia/PiD for a download (default: main).
     """
     if checkpoint is not None:
-        path = Path(checkpoint).absolute()
+        path = Path(checkpoint).expanduser().absolute()
         if not path.is_file():
             raise CheckpointNotFoundError(
                 f"checkpoint file {path} does not exist; download the released one with: {record.download_command}"
             )
         return path
-    for root in checkpoint_roots(checkpoint_dir):
-        fast = root / record.folder / Path(CHECKPOINT_FILENAME).with_suffix(".safetensors")
-        if fast.is_file():
-            return fast
-    return resolve_hub_path(f"{record.folder}/{CHECKPOINT_FILENAME}", checkpoint_dir, download)
+    fast = find_local(f"{record.folder}/{Path(CHECKPOINT_FILENAME).with_suffix('.safetensors')}", checkpoint_dir)
+    if fast is not None:
+        return fast
+    hub_dirs = (record.hub_dir, *(d for d in HUB_DIRS if d != record.hub_dir))
+    return resolve_hub_path(
+        f"{record.folder}/{CHECKPOINT_FILENAME}", checkpoint_dir, download, revision=revision, hub_dirs=hub_dirs
+    )
+
+
+def cached_hub_file(hub_path: str, revision: str | None = None) -> Path | None:
+    """The Hugging Face cache's copy of `hub_path` of nvidia/PiD, or None. Never downloads."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(HUB_REPO, hub_path, revision=revision)
+    return Path(found) if isinstance(found, str) else None
+
+
+def describe_checkpoint(
+    record: CheckpointRecord,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    revision: str | None = None,
+) -> dict[str, str | None]:
+    """Where `record`'s weights would come from, without downloading anything (for dry runs).
+
+    {"folder": experiment folder, "hub_file": path inside nvidia/PiD where the hub has it now,
+    "local_file": the file a run would load (explicit path, local copy or HF cache) or None,
+    "newer": ckpt_type of a newer decoder or None, "download_command": how to fetch it}.
+    """
+    local: Path | None = None
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser().absolute()
+        local = path if path.is_file() else None
+    else:
+        fast = Path(CHECKPOINT_FILENAME).with_suffix(".safetensors")
+        local = find_local(f"{record.folder}/{fast}", checkpoint_dir) or find_local(
+            f"{record.folder}/{CHECKPOINT_FILENAME}", checkpoint_dir
+        )
+        if local is None:
+            for hub_path in record.hub_paths:
+                local = cached_hub_file(hub_path, revision)
+                if local is not None:
+                    break
+    return {
+        "folder": record.folder,
+        "hub_file": record.hub_path,
+        "local_file": str(local) if local is not None else None,
+        "newer": record.newer,
+        "download_command": hub_download_command(record.hub_path, revision),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,18 +481,29 @@ def resolve_checkpoint(
 # ----------------------------------------------------------------------------------------------
 
 
-def read_checkpoint_file(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Raw key -> tensor mapping of a `.pth` (weights-only, memory-mapped) or `.safetensors` file."""
+# Key of the network config a checkpoint may carry: safetensors metadata, or a top-level entry of a
+# `.pth` dict. Its value: a released config name, or the PiDNetConfig fields (JSON text in safetensors
+# metadata, a plain dict in a `.pth`). See `pid.models.configs.net_config_from_value`.
+NET_CONFIG_KEY = "pid.net_config"
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], PiDNetConfig | None]:
+    """(raw key -> tensor mapping, embedded network config or None) of a `.pth` (weights-only,
+    memory-mapped) or `.safetensors` file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointNotFoundError(f"checkpoint file {path} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
-        except Exception as exc:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointMismatchError(f"{path} is not a readable safetensors file ({exc})") from None
+        return tensors, _embedded_config(metadata.get(NET_CONFIG_KEY), path)
     try:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -349,13 +518,31 @@ def read_checkpoint_file(path: str | os.PathLike) -> dict[str, Tensor]:
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointMismatchError(f"{path} is not a readable PyTorch checkpoint ({exc})") from None
+    config = None
+    if isinstance(data, Mapping) and NET_CONFIG_KEY in data:
+        data = dict(data)
+        config = _embedded_config(data.pop(NET_CONFIG_KEY), path)
     if isinstance(data, Mapping) and "state_dict" in data and isinstance(data["state_dict"], Mapping):
         data = data["state_dict"]
     if not isinstance(data, Mapping) or not all(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in data.items()
     ):
         raise CheckpointMismatchError(f"{path} does not hold a flat {{name: tensor}} dict")
-    return dict(data)
+    return dict(data), config
+
+
+def _embedded_config(value: object, path: Path) -> PiDNetConfig | None:
+    if value is None:
+        return None
+    try:
+        return net_config_from_value(value)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise CheckpointMismatchError(f"{path}: its embedded {NET_CONFIG_KEY} is unusable: {exc}") from None
+
+
+def read_checkpoint_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Raw key -> tensor mapping of a `.pth` (weights-only, memory-mapped) or `.safetensors` file."""
+    return read_checkpoint(path)[0]
 
 
 def strip_network_prefix(raw: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -435,3 +622,50 @@ def load_pid_state_dict(path: str | os.PathLike, config_name: str | None = None)
         except CheckpointMismatchError as exc:
             raise CheckpointMismatchError(f"{path}: {exc}") from None
     return state
+
+
+def load_network_weights(
+    path: str | os.PathLike, record: CheckpointRecord | None = None, config: PiDNetConfig | str | None = None
+) -> tuple[PiDNetConfig, dict[str, Tensor]]:
+    """(network config, strictly checked bare state dict) of a PiD weight file.
+
+    The config is the one the file carries (see `NET_CONFIG_KEY`) when present, else `config`,
+    else the record's. An embedded config must fit the record's latent space (same latent
+    channels and latent stride), else a one-line `CheckpointMismatchError`.
+    """
+    from pid.models import build_pid_net
+
+    raw, embedded = read_checkpoint(path)
+    state = strip_network_prefix(raw)
+    expected_cfg = get_net_config(record.net_config) if record is not None else None
+    if embedded is not None:
+        cfg = embedded
+        if expected_cfg is not None and (
+            cfg.latent_channels != expected_cfg.latent_channels
+            or cfg.latent_downsample != expected_cfg.latent_downsample
+        ):
+            raise CheckpointMismatchError(
+                f"{path} carries a network for {cfg.latent_channels}-channel latents at stride "
+                f"{cfg.latent_downsample}, but {record.backbone} latents have {expected_cfg.latent_channels} "
+                f"channels at stride {expected_cfg.latent_downsample}; use a decoder made for {record.backbone}"
+            )
+    elif config is not None:
+        cfg = net_config_from_value(config)
+    elif expected_cfg is not None:
+        cfg = expected_cfg
+    else:
+        detected = detect_net_config(state)
+        if detected is None:
+            raise CheckpointMismatchError(
+                f"{path} carries no {NET_CONFIG_KEY} and matches no released network; "
+                "embed one with: python -m pid.convert <file> --net-config <name or JSON file>"
+            )
+        cfg = get_net_config(detected)
+    skeleton = build_pid_net(cfg, device="meta")
+    expected = {k: v.shape for k, v in skeleton.state_dict().items()}
+    label = released_name(cfg) or f"embedded {cfg.name}"
+    try:
+        check_state_dict(state, expected, label)
+    except CheckpointMismatchError as exc:
+        raise CheckpointMismatchError(f"{path}: {exc}") from None
+    return cfg, state

@@ -20,7 +20,7 @@ from loguru import logger
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pid.checkpoints import CheckpointRecord, ckpt_types, load_pid_state_dict, lookup, resolve_checkpoint
+from pid.checkpoints import CheckpointRecord, ckpt_types, load_network_weights, lookup, resolve_checkpoint
 from pid.errors import ConfigError
 from pid.models import PiDNet, build_pid_net
 from pid.models.pid_net import LatentFeatures
@@ -93,25 +93,31 @@ class PiDDecoder:
         text_encoder: CaptionEncoder | str | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         download: bool = True,
+        revision: str | None = None,
+        text_encoder_revision: str | None = None,
     ) -> PiDDecoder:
         """Build the released decoder for (backbone, ckpt_type) and load its weights strictly.
 
         ckpt_type "2k" falls back to the backbone's own default where it has no 2k decoder
-        (sdxl: 2kto4k, qwenimage: 2kto4k_v1pt5); None always takes that default.
+        (sdxl, qwenimage: 2kto4k); None always takes that default.
         text_encoder: a CaptionEncoder, a repo id / local folder of Gemma-2, or None for the
         default `Efficient-Large-Model/gemma-2-2b-it`.
+        A weight file that carries its own network config (`pid.checkpoints.NET_CONFIG_KEY`, e.g. a
+        fine-tuned decoder of another size) is built with it, provided it reads this backbone's latents.
+        revision: branch, tag or commit of nvidia/PiD for downloads; text_encoder_revision: the same
+        for the Gemma-2 repo.
         """
         if ckpt_type == "2k" and "2k" not in ckpt_types(backbone):
             ckpt_type = None
         record = lookup(backbone, ckpt_type)
         device = torch.device(device) if device is not None else default_device()
-        path = resolve_checkpoint(record, checkpoint, checkpoint_dir, download)
+        path = resolve_checkpoint(record, checkpoint, checkpoint_dir, download, revision=revision)
         logger.info("loading PiD {}/{} from {}", record.backbone, record.ckpt_type, path)
-        state = load_pid_state_dict(path, record.net_config)
-        net = build_pid_net(record, device=device, dtype=dtype or torch.float32, state_dict=state)
+        config, state = load_network_weights(path, record)
+        net = build_pid_net(config, device=device, dtype=dtype or torch.float32, state_dict=state)
         if not isinstance(text_encoder, CaptionEncoder):
             kwargs = {"name_or_path": text_encoder} if text_encoder else {}
-            text_encoder = CaptionEncoder.from_pretrained(device=device, **kwargs)
+            text_encoder = CaptionEncoder.from_pretrained(device=device, revision=text_encoder_revision, **kwargs)
         return cls(net, record, text_encoder)
 
     # ------------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ inside Gemma but never given to PiD — the released networks attend to the pad 
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from loguru import logger
@@ -47,6 +47,11 @@ NEGATIVE_PROMPT = (
     "low quality, worst quality, over-saturated, three legs, six fingers, cartoon, anime, cgi, low res, "
     "blurry, deformed, distortion, duplicated limbs, plastic skin, jpeg artifacts, watermark"
 )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 class CaptionEncoder(nn.Module):
@@ -91,6 +96,7 @@ class CaptionEncoder(nn.Module):
         name_or_path: str = DEFAULT_TEXT_ENCODER,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        revision: str | None = None,
         **kwargs,
     ) -> CaptionEncoder:
         """Load Gemma-2 from a hub repo id or a local folder.
@@ -98,24 +104,43 @@ class CaptionEncoder(nn.Module):
         bf16 on CUDA (the reference), fp32 on CPU by default. The reference environment ran
         Gemma-2 through PyTorch SDPA, which skips Gemma-2's attention-logit soft-capping; we
         reproduce those numerics by switching the soft-capping off in the config.
+        revision: branch, tag or commit of the hub repo (default: main). Hub failures (gated,
+        missing, offline) become one-line `pid.hub.HubAccessError`s.
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        from pid.hub import catchable_errors, download_command, translate_hub_error
 
         device = torch.device(device) if device is not None else torch.device("cpu")
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+        # No token argument: huggingface_hub sends get_token() (HF_TOKEN or `hf auth login`) itself.
+        load = {"revision": revision} if revision else {}
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, token=token)
-            config = AutoConfig.from_pretrained(name_or_path, token=token)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, **load)
+            config = AutoConfig.from_pretrained(name_or_path, **load)
             text_config = getattr(config, "text_config", None) or config
             if hasattr(text_config, "attn_logit_softcapping"):
                 text_config.attn_logit_softcapping = None
-            model = AutoModel.from_pretrained(name_or_path, config=config, dtype=dtype, token=token)
-        except OSError as exc:
+            model = AutoModel.from_pretrained(name_or_path, config=config, dtype=dtype, **load)
+        except catchable_errors() as exc:
+            local = Path(str(name_or_path)).expanduser()
+            if local.exists():
+                raise CheckpointNotFoundError(
+                    f"caption encoder folder {local} is not a loadable Gemma-2 model "
+                    f"({_first_line(exc)}); point text_encoder= at a folder made by save_pretrained"
+                ) from None
+            command = download_command(str(name_or_path), revision=revision)
+            translated = translate_hub_error(
+                exc, str(name_or_path), revision=revision, command=command, what=f"caption encoder {name_or_path}"
+            )
+            if translated is not None:
+                raise translated from None
+            if not isinstance(exc, OSError):
+                raise
             raise CheckpointNotFoundError(
-                f"caption encoder {name_or_path!r} is not available ({str(exc).splitlines()[0]}); "
-                f"download it with: hf download {DEFAULT_TEXT_ENCODER}, or set text_encoder=<local folder>"
+                f"caption encoder {name_or_path!r} is not available ({_first_line(exc)}); "
+                f"download it with: {command}, or set text_encoder=<local folder>"
             ) from None
         if hasattr(model, "get_decoder") and not hasattr(model, "layers"):
             model = model.get_decoder()

@@ -18,6 +18,7 @@ from pid.checkpoints import (
     read_checkpoint_file,
     resolve_checkpoint,
     resolve_hub_path,
+    strip_network_prefix,
 )
 from pid.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError
 from pid.models import build_pid_net
@@ -52,7 +53,8 @@ def test_registry_covers_reference_pairs_and_undistilled():
     for backbone in ("flux", "flux2", "qwenimage"):
         rec = lookup(backbone, "undistilled")
         assert rec.sampler == "undistilled" and rec.folder.endswith("_undistilled")
-    assert len({r.folder for r in REGISTRY.values()}) == 13  # 10 distilled + 3 undistilled files
+    # 10 distilled + 3 undistilled files of the later registry + the README's 3 `2kto4k` ones
+    assert len({r.folder for r in REGISTRY.values()}) == 16
 
 
 def test_aliases_share_files_and_keep_their_name():
@@ -60,7 +62,7 @@ def test_aliases_share_files_and_keep_their_name():
     assert z.backbone == "zimage-turbo" and z.folder == lookup("flux", "2k").folder
     assert lookup("flux2-klein-9b", "2kto4k_v1pt5").net_config == "v1pt5_flux2_latent128ch"
     assert lookup("siglip", "2k").scale == 8
-    assert lookup("sdxl").ckpt_type == "2kto4k" and default_ckpt_type("qwenimage") == "2kto4k_v1pt5"
+    assert lookup("sdxl").ckpt_type == "2kto4k" and default_ckpt_type("qwenimage") == "2kto4k"
     assert (
         lookup("flux", "2k").hub_path
         == "checkpoints/PiD_res2k_sr4x_official_flux_distill_4step/model_ema_bf16.pth"
@@ -74,7 +76,8 @@ def test_lookup_errors_are_one_line_and_list_valid_types():
     assert "\n" not in msg and "2kto4k" in msg and "sdxl" in msg
     with pytest.raises(ConfigError, match="unknown backbone 'nope'"):
         lookup("nope", "2k")
-    assert "zimage-turbo" in backbones() and ckpt_types("flux") == ["2k", "2kto4k_v1pt5", "undistilled"]
+    assert "zimage-turbo" in backbones()
+    assert ckpt_types("flux") == ["2k", "2kto4k", "2kto4k_v1pt5", "undistilled"]
 
 
 def _tiny_state(prefix="net."):
@@ -186,6 +189,9 @@ def test_resolution_order_and_offline_message(tmp_path, monkeypatch):
     with pytest.raises(CheckpointNotFoundError, match="does not exist"):
         resolve_checkpoint(record, checkpoint=tmp_path / "missing.pth")
     (tmp_path / "checkpoints" / "sd3_vae").mkdir()
+    with pytest.raises(CheckpointNotFoundError, match='--include "checkpoints/sd3_vae/'):
+        resolve_hub_path("sd3_vae", is_dir=True)  # an empty folder (interrupted download) is not a copy
+    (tmp_path / "checkpoints" / "sd3_vae" / "config.json").write_text("{}")
     assert resolve_hub_path("sd3_vae", is_dir=True) == tmp_path / "checkpoints" / "sd3_vae"
     with pytest.raises(CheckpointNotFoundError, match="hf download nvidia/PiD checkpoints/ae.safetensors"):
         resolve_hub_path("ae.safetensors")
@@ -203,3 +209,193 @@ def test_convert_cli_writes_safetensors_with_same_names(tmp_path):
     assert all(torch.equal(out[k], state[k]) for k in state)
     assert main([str(src)]) == 2  # refuses to overwrite silently
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Every (backbone, ckpt_type) pair of the upstream README (spec inference.md §1.2 + §1.2a)
+# ----------------------------------------------------------------------------------------------
+
+_F1, _F2, _Q = "flux", "flux2", "qwenimage"
+# backbone -> (latent family, {ckpt_type: (folder, net config, scale, hub dir)})
+_V1_16, _V1_128 = "v1_latent16ch", "v1_flux2_latent128ch"
+_V15_16, _V15_128 = "v1pt5_latent16ch", "v1pt5_flux2_latent128ch"
+_DEP = "checkpoints_deprecated"
+_FAMILY_TABLE = {
+    _F1: {
+        "2k": ("PiD_res2k_sr4x_official_flux_distill_4step", _V1_16, 4, "checkpoints"),
+        "2kto4k": ("PiD_res2kto4k_sr4x_official_flux_distill_4step", _V1_16, 4, _DEP),
+        "2kto4k_v1pt5": ("PiD_v1pt5_res2kto4k_sr4x_official_flux_distill_4step", _V15_16, 4, "checkpoints"),
+        "undistilled": ("PiD_v1pt5_res2kto4k_sr4x_official_flux_undistilled", _V15_16, 4, "checkpoints"),
+    },
+    _F2: {
+        "2k": ("PiD_res2k_sr4x_official_flux2_distill_4step", _V1_128, 4, "checkpoints"),
+        "2kto4k": ("PiD_res2kto4k_sr4x_official_flux2_distill_4step_2606", _V1_128, 4, _DEP),
+        "2kto4k_v1pt5": ("PiD_v1pt5_res2kto4k_sr4x_official_flux2_distill_4step", _V15_128, 4, "checkpoints"),
+        "undistilled": ("PiD_v1pt5_res2kto4k_sr4x_official_flux2_undistilled", _V15_128, 4, "checkpoints"),
+    },
+    _Q: {
+        "2kto4k": ("PiD_res2kto4k_sr4x_official_qwenimage_distill_4step", _V1_16, 4, _DEP),
+        "2kto4k_v1pt5": ("PiD_v1pt5_res2kto4k_sr4x_official_qwenimage_distill_4step", _V15_16, 4, "checkpoints"),
+        "undistilled": ("PiD_v1pt5_res2kto4k_sr4x_official_qwenimage_undistilled", _V15_16, 4, "checkpoints"),
+    },
+    "sd3": {
+        "2k": ("PiD_res2k_sr4x_official_sd3_distill_4step", _V1_16, 4, "checkpoints"),
+        "2kto4k": ("PiD_res2kto4k_sr4x_official_sd3_distill_4step", _V1_16, 4, "checkpoints"),
+    },
+    "sdxl": {"2kto4k": ("PiD_res2kto4k_sr4x_official_sdxl_distill_4step", "v1_sdxl_latent4ch", 4, "checkpoints")},
+    "dinov2": {"2k": ("PiD_res2k_sr4x_official_dinov2_distill_4step", "v1_dinov2_latent768ch", 4, "checkpoints")},
+    "siglip": {"2k": ("PiD_res2k_sr8x_official_siglip_distill_4step", "v1_siglip_latent1152ch_sr8", 8, "checkpoints")},
+}
+_BACKBONE_FAMILY = {
+    "flux": _F1, "zimage": _F1, "zimage-turbo": _F1,
+    "flux2": _F2, "flux2-klein-4b": _F2, "flux2-klein-9b": _F2,
+    "qwenimage": _Q, "qwenimage-2512": _Q,
+    "sd3": "sd3", "sdxl": "sdxl", "dinov2": "dinov2", "siglip": "siglip",
+}  # fmt: skip
+ALL_PAIRS = sorted(
+    (backbone, ckpt_type) for backbone, family in _BACKBONE_FAMILY.items() for ckpt_type in _FAMILY_TABLE[family]
+)
+# The upstream README's own table (2k / 2kto4k) must be a subset of what we serve.
+README_TABLE = {
+    **{b: ("2k", "2kto4k") for b in ("flux", "flux2", "flux2-klein-4b", "flux2-klein-9b", "sd3", "zimage",
+                                     "zimage-turbo")},
+    **{b: ("2kto4k",) for b in ("sdxl", "qwenimage", "qwenimage-2512")},
+    **{b: ("2k",) for b in ("dinov2", "siglip")},
+}  # fmt: skip
+
+
+def test_registry_is_exactly_the_table():
+    assert set(REGISTRY) == set(ALL_PAIRS)
+    for backbone, types in README_TABLE.items():
+        assert set(types) <= set(ckpt_types(backbone)), backbone
+
+
+@pytest.mark.parametrize(("backbone", "ckpt_type"), ALL_PAIRS)
+def test_every_pair_builds_and_loads_strictly(backbone, ckpt_type):
+    folder, net_config, scale, hub_dir = _FAMILY_TABLE[_BACKBONE_FAMILY[backbone]][ckpt_type]
+    record = lookup(backbone, ckpt_type)
+    assert (record.backbone, record.folder, record.net_config, record.scale) == (backbone, folder, net_config, scale)
+    assert record.hub_path == f"{hub_dir}/{folder}/model_ema_bf16.pth"
+    assert record.hub_paths[0] == record.hub_path and len(record.hub_paths) == 2
+    assert record.sampler == ("undistilled" if ckpt_type == "undistilled" else "distilled")
+    if ckpt_type == "2kto4k":
+        assert record.dynamic_shift == (4.0, 1024)
+    if hub_dir == _DEP:
+        assert record.newer == "2kto4k_v1pt5" and record.deprecated
+    else:
+        assert record.newer is None and not record.deprecated
+    assert f"hf download nvidia/PiD {record.hub_path} --local-dir ." == record.download_command
+    # build on meta, then a strict (assign) load of a synthesized state dict in the released names
+    skeleton = build_pid_net(record, device="meta")
+    assert skeleton.cfg.sr_scale == scale
+    state = {f"net.{k}": torch.empty(v.shape, device="meta") for k, v in skeleton.state_dict().items()}
+    state["net_ema.extra"] = torch.empty(1, device="meta")  # training extras are dropped
+    bare = strip_network_prefix(state)
+    check_state_dict(bare, {k: v.shape for k, v in skeleton.state_dict().items()}, net_config)
+    skeleton.load_state_dict(bare, strict=True, assign=True)
+    assert detect_net_config(bare) == net_config
+
+
+def test_defaults_follow_the_upstream_readme():
+    expected = {b: "2k" for b in README_TABLE} | {"sdxl": "2kto4k", "qwenimage": "2kto4k", "qwenimage-2512": "2kto4k"}
+    assert {b: default_ckpt_type(b) for b in README_TABLE} == expected
+    assert lookup("qwenimage").folder == "PiD_res2kto4k_sr4x_official_qwenimage_distill_4step"
+
+
+def _place(root, record, name="model_ema_bf16.pth"):
+    folder = root / record.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(b"x")
+    return folder / name
+
+
+def test_deprecated_decoders_are_found_in_both_local_layouts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PID_CHECKPOINT_DIR", raising=False)
+    record = lookup("zimage-turbo", "2kto4k")
+    assert record.folder == "PiD_res2kto4k_sr4x_official_flux_distill_4step"
+    # ./checkpoints_deprecated/<folder> (a download made after the move)
+    placed = _place(tmp_path / "checkpoints_deprecated", record)
+    assert resolve_checkpoint(record) == placed
+    placed.unlink()
+    # ./checkpoints/<folder> (the June download)
+    placed = _place(tmp_path / "checkpoints", record)
+    assert resolve_checkpoint(record) == placed
+    placed.unlink()
+    # a whole-repo copy given as checkpoint_dir, and a `checkpoints` root's sibling folder
+    repo = tmp_path / "repo"
+    placed = _place(repo / "checkpoints_deprecated", record)
+    assert resolve_checkpoint(record, checkpoint_dir=repo) == placed
+    monkeypatch.setenv("PID_CHECKPOINT_DIR", str(repo / "checkpoints"))
+    assert resolve_checkpoint(record) == placed
+
+
+def test_offline_message_names_the_current_hub_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PID_CHECKPOINT_DIR", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    record = lookup("flux2", "2kto4k")
+    with pytest.raises(CheckpointNotFoundError) as err:
+        resolve_checkpoint(record)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert (
+        "hf download nvidia/PiD checkpoints_deprecated/PiD_res2kto4k_sr4x_official_flux2_distill_4step_2606/"
+        "model_ema_bf16.pth --local-dir ." in msg
+    )
+
+
+def test_hub_download_tries_the_current_folder_then_the_other(tmp_path, monkeypatch):
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PID_CHECKPOINT_DIR", raising=False)
+    asked = []
+
+    def fake_download(repo, filename, revision=None, **kwargs):
+        asked.append((repo, filename, revision))
+        if filename.startswith("checkpoints_deprecated/"):
+            raise RemoteEntryNotFoundError("404", response=_response(404))
+        return str(tmp_path / "got.pth")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
+    record = lookup("flux", "2kto4k")
+    assert resolve_checkpoint(record, revision="v1") == tmp_path / "got.pth"
+    assert asked == [
+        ("nvidia/PiD", record.hub_path, "v1"),
+        ("nvidia/PiD", f"checkpoints/{record.folder}/model_ema_bf16.pth", "v1"),
+    ]
+    asked.clear()
+    monkeypatch.setattr(
+        "huggingface_hub.hf_hub_download",
+        lambda *a, **k: (_ for _ in ()).throw(RemoteEntryNotFoundError("404", response=_response(404))),
+    )
+    with pytest.raises(CheckpointNotFoundError, match="checkpoints_deprecated/.* or checkpoints/.* is neither"):
+        resolve_checkpoint(record)
+
+
+def _response(status):
+    import httpx2
+
+    return httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/nvidia/PiD"))
+
+
+def test_describe_checkpoint_never_downloads(tmp_path, monkeypatch):
+    from pid.checkpoints import describe_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PID_CHECKPOINT_DIR", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda *a, **k: pytest.fail("downloaded"))
+    record = lookup("qwenimage", "2kto4k")
+    info = describe_checkpoint(record)
+    assert info["folder"] == record.folder and info["local_file"] is None and info["newer"] == "2kto4k_v1pt5"
+    assert info["hub_file"] == f"checkpoints_deprecated/{record.folder}/model_ema_bf16.pth"
+    placed = _place(tmp_path / "checkpoints", record)
+    assert describe_checkpoint(record)["local_file"] == str(placed)
+    fast = _place(tmp_path / "checkpoints", record, "model_ema_bf16.safetensors")
+    assert describe_checkpoint(record)["local_file"] == str(fast)
+    explicit = tmp_path / "mine.pth"
+    assert describe_checkpoint(record, checkpoint=explicit)["local_file"] is None
+    explicit.write_bytes(b"x")
+    assert describe_checkpoint(record, checkpoint=explicit)["local_file"] == str(explicit)

@@ -6,8 +6,10 @@ PixelDiT backbone and differ only in the latent adapter and the RoPE reference g
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Literal
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -133,3 +135,54 @@ def get_net_config(name: str) -> PiDNetConfig:
         return NET_CONFIGS[name]
     except KeyError:
         raise KeyError(f"unknown network config {name!r}; known: {', '.join(NET_CONFIGS)}") from None
+
+
+def net_config_to_dict(cfg: PiDNetConfig) -> dict[str, str | int | float | bool]:
+    """Every field of `cfg` as plain values (JSON- and weights_only-safe); None fields are left out
+    (their default is None)."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) is not None}
+
+
+def released_name(cfg: PiDNetConfig) -> str | None:
+    """The name of the released config equal to `cfg` (names aside), or None."""
+    for name, released in NET_CONFIGS.items():
+        if released == cfg:  # `name` has compare=False
+            return name
+    return None
+
+
+def net_config_from_value(value: PiDNetConfig | str | Mapping[str, Any]) -> PiDNetConfig:
+    """A config from a released name, a JSON object (string) or a mapping of PiDNetConfig fields.
+
+    A mapping may hold "base": <released name> to start from that config (default: the v1
+    16-channel one); every other key must be a PiDNetConfig field. Raises ValueError naming the
+    problem.
+    """
+    if isinstance(value, PiDNetConfig):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text in NET_CONFIGS:
+            return NET_CONFIGS[text]
+        if not text.startswith("{"):
+            raise ValueError(f"unknown network config {text!r}; known: {', '.join(NET_CONFIGS)}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"network config is not valid JSON ({exc})") from None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"network config must be a name or a mapping of fields, got {type(value).__name__}")
+    values = dict(value)
+    base_name = values.pop("base", None)
+    if base_name is not None and base_name not in NET_CONFIGS:
+        raise ValueError(f"unknown base network config {base_name!r}; known: {', '.join(NET_CONFIGS)}")
+    base = NET_CONFIGS[base_name] if base_name else PiDNetConfig()
+    known = {f.name: f for f in fields(PiDNetConfig)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown network config fields: {', '.join(unknown)}")
+    values.setdefault("name", base_name or "custom")
+    try:
+        return replace(base, **values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"invalid network config ({exc})") from None

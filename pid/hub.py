@@ -1,0 +1,245 @@
+"""Hugging Face hub access in one place: token, revision, offline state and one-line errors.
+
+Every download in pid (nvidia/PiD files, the LDM pipelines, Gemma-2, the RAE encoders) goes through
+`huggingface_hub` (directly or via diffusers / transformers `from_pretrained`). Their failures are
+turned into one line that names the repo, the file and the fix:
+
+    with hub_errors("nvidia/PiD", "checkpoints/ae.safetensors"):
+        path = hf_hub_download("nvidia/PiD", "checkpoints/ae.safetensors")
+
+    gated repo            -> HubGatedError: the licence URL and `hf auth login`
+    file not in the repo  -> HubFileMissingError: the file and the repo
+    repo missing/private  -> HubRepoNotFoundError
+    revision missing      -> HubRevisionNotFoundError
+    offline / no network  -> HubOfflineError: the exact `hf download ...` command
+
+All are `pid.errors.CheckpointNotFoundError`s, so existing handlers keep working. The token is always
+`huggingface_hub.get_token()` (HF_TOKEN, then the `hf auth login` token file): nothing here reads the
+environment by hand.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pid.errors import CheckpointNotFoundError
+
+HUB_URL = "https://huggingface.co"
+
+
+class HubAccessError(CheckpointNotFoundError):
+    """A file or repo on the Hugging Face hub could not be had; the message says why and what to do."""
+
+
+class HubGatedError(HubAccessError):
+    """The repo is gated and this token (or no token) has not been granted access."""
+
+
+class HubFileMissingError(HubAccessError):
+    """The repo exists but has no such file (at that revision)."""
+
+
+class HubRepoNotFoundError(HubAccessError):
+    """No such repo, or it is private and the token cannot see it."""
+
+
+class HubRevisionNotFoundError(HubAccessError):
+    """No such branch, tag or commit in the repo."""
+
+
+class HubOfflineError(HubAccessError):
+    """Not in the local cache, and the hub is unreachable or HF_HUB_OFFLINE is set."""
+
+
+def hub_token() -> str | None:
+    """The token huggingface_hub itself would send (HF_TOKEN, then `hf auth login`), or None."""
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def is_offline() -> bool:
+    """Whether HF_HUB_OFFLINE is on (read now, so a change after import counts)."""
+    value = os.environ.get("HF_HUB_OFFLINE")
+    if value is not None:
+        return value.strip().upper() in ("1", "ON", "YES", "TRUE")
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def download_command(
+    repo: str, path: str | None = None, revision: str | None = None, local_dir: str | None = None
+) -> str:
+    """The `hf download` command that fetches `path` (a file or a folder; None: the whole repo)."""
+    parts = ["hf download", repo]
+    if path:
+        path = path.strip("/")
+        # A folder (no suffix in its last part) is fetched with --include.
+        parts.append(path if Path(path).suffix else f'--include "{path}/*"')
+    if revision:
+        parts.append(f"--revision {revision}")
+    if local_dir:
+        parts.append(f"--local-dir {local_dir}")
+    return " ".join(parts)
+
+
+def _hub_error_classes() -> dict[str, type[BaseException]]:
+    from huggingface_hub import errors
+
+    return {
+        "gated": errors.GatedRepoError,
+        "revision": errors.RevisionNotFoundError,
+        "repo": errors.RepositoryNotFoundError,
+        "local": errors.LocalEntryNotFoundError,
+        "entry": errors.EntryNotFoundError,
+        "offline": errors.OfflineModeIsEnabled,
+        "validation": errors.HFValidationError,
+    }
+
+
+def _network_error_classes() -> tuple[type[BaseException], ...]:
+    classes: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module_name in ("httpx2", "httpx", "requests"):
+        try:
+            module = __import__(module_name)
+        except ImportError:
+            continue
+        for name in ("TransportError", "ConnectionError", "Timeout"):
+            cls = getattr(module, name, None)
+            if isinstance(cls, type) and issubclass(cls, BaseException):
+                classes.append(cls)
+    return tuple(classes)
+
+
+def catchable_errors() -> tuple[type[BaseException], ...]:
+    """Exception classes a hub download (or a from_pretrained) raises for access problems.
+
+    OSError covers the hub's HTTP errors and the wrappers transformers / diffusers raise;
+    EntryNotFoundError and HFValidationError are not OSErrors; httpx transport errors neither.
+    """
+    hub = _hub_error_classes()
+    return (OSError, hub["entry"], hub["validation"], *_network_error_classes())
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def classify(exc: BaseException) -> str | None:
+    """'gated', 'revision', 'repo', 'missing', 'offline' or None for `exc` or anything it wraps."""
+    hub = _hub_error_classes()
+    network = _network_error_classes()
+    for err in _chain(exc):
+        # Order matters: GatedRepoError is a RepositoryNotFoundError, LocalEntryNotFoundError an
+        # EntryNotFoundError.
+        if isinstance(err, hub["gated"]):
+            return "gated"
+        if isinstance(err, hub["revision"]):
+            return "revision"
+        if isinstance(err, hub["repo"]):
+            return "repo"
+        if isinstance(err, hub["local"] | hub["offline"]):
+            return "offline"
+        if isinstance(err, hub["entry"]):
+            return "missing"
+        if isinstance(err, network):
+            return "offline"
+    return None
+
+
+def translate_hub_error(
+    exc: BaseException,
+    repo: str,
+    filename: str | None = None,
+    revision: str | None = None,
+    command: str | None = None,
+    what: str | None = None,
+) -> HubAccessError | None:
+    """A one-line `HubAccessError` for a hub failure (or None when `exc` is not one).
+
+    filename: the file (or folder) inside `repo`; command: the download command to suggest when
+    offline (default: `hf download <repo> [<filename>]`); what: how to name the thing in messages.
+    """
+    kind = classify(exc)
+    if kind is None:
+        return None
+    at = f" at revision {revision}" if revision else ""
+    target = what or (f"{filename} of {repo}" if filename else repo)
+    if kind == "gated":
+        return HubGatedError(
+            f"{repo} is a gated repo and this machine has no access to it: accept its licence at "
+            f"{HUB_URL}/{repo} and log in with `hf auth login` (or set HF_TOKEN)"
+        )
+    if kind == "revision":
+        return HubRevisionNotFoundError(
+            f"revision {revision!r} does not exist in {repo}; pass an existing branch, tag or commit "
+            f"(see {HUB_URL}/{repo}/commits/main)"
+        )
+    if kind == "repo":
+        return HubRepoNotFoundError(
+            f"{repo} does not exist on the Hugging Face hub or is private; check the name, "
+            "or log in with `hf auth login` if it is private"
+        )
+    if kind == "missing":
+        return HubFileMissingError(
+            f"{filename or 'the requested file'} is not in the {repo} repo{at}; check the file name "
+            f"(see {HUB_URL}/{repo}/tree/{revision or 'main'})"
+        )
+    reason = "HF_HUB_OFFLINE is set" if is_offline() else "the Hugging Face hub cannot be reached"
+    command = command or download_command(repo, filename, revision)
+    return HubOfflineError(f"{target}{at} is not in the local cache and {reason}; download it with: {command}")
+
+
+@contextmanager
+def hub_errors(
+    repo: str,
+    filename: str | None = None,
+    revision: str | None = None,
+    command: str | None = None,
+    what: str | None = None,
+) -> Iterator[None]:
+    """Re-raise hub access failures inside the block as one-line `HubAccessError`s; others pass."""
+    try:
+        yield
+    except HubAccessError:
+        raise
+    except catchable_errors() as exc:
+        translated = translate_hub_error(exc, repo, filename, revision, command, what)
+        if translated is None:
+            raise
+        raise translated from exc
+
+
+def hub_file(repo: str, filename: str, revision: str | None = None, command: str | None = None) -> Path:
+    """`hf_hub_download` of one file (cache first), with one-line errors."""
+    from huggingface_hub import hf_hub_download
+
+    with hub_errors(repo, filename, revision, command):
+        return Path(hf_hub_download(repo, filename, revision=revision))
+
+
+def hub_folder(repo: str, folder: str, revision: str | None = None, command: str | None = None) -> Path:
+    """`snapshot_download` of one folder of a repo; returns the folder inside the snapshot."""
+    from huggingface_hub import snapshot_download
+
+    folder = folder.strip("/")
+    with hub_errors(repo, folder, revision, command):
+        root = snapshot_download(repo, allow_patterns=[f"{folder}/*"], revision=revision)
+    path = Path(root) / folder
+    if not path.is_dir() or not any(path.iterdir()):
+        # snapshot_download returns the (possibly empty) snapshot even when nothing matched.
+        raise HubFileMissingError(
+            f"{folder}/ is not in the {repo} repo{f' at revision {revision}' if revision else ''} "
+            "(or not in the local cache)"
+            + (f"; download it with: {command or download_command(repo, folder, revision)}")
+        )
+    return path
