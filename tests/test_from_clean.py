@@ -48,7 +48,7 @@ def setup(tmp_path):
 def test_end_to_end_metrics_grids_and_bad_images(setup, tmp_path):
     manifest, space, decoder = setup
     cfg = load_config(["backbone=sd3", f"manifest={manifest}", "degrade_sigmas=[0.3,0]", "pid_steps=1",
-                       f"output_dir={tmp_path / 'out'}", "device=cpu", "prompt='fallback caption'"])
+                       f"output_dir={tmp_path / 'out'}", "device=cpu", "prompt=fallback caption"])
     summary = run(cfg, decoder=decoder, latent_space=space)
     out = next((tmp_path / "out").iterdir())
     rows = list(csv.DictReader((out / "metrics.csv").open()))

@@ -392,7 +392,7 @@ def dinov2_cfg(repo, weights, *extra):
 
 def siglip_cfg(repo, *extra):
     return load_config([
-        "backbone=siglip", f"backbone.repo_path={repo}", "prompt='a red fox in snow'", "save_xt_steps=[1,3]",
+        "backbone=siglip", f"backbone.repo_path={repo}", "prompt=a red fox in snow", "save_xt_steps=[1,3]",
         "dtype=fp32", "device=cpu", *extra,
     ])  # fmt: skip
 

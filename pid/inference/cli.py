@@ -1,212 +1,601 @@
-"""Command-line plumbing shared by the entry points: Hydra config composition and the
-reference's argparse flag spellings.
+"""The command-line front door of both entry points: arguments -> typed `Settings`, help, exit codes.
 
-Native syntax is Hydra's (`backbone=flux prompt="a cat" save_xt_steps=[24]`). The reference's
-flags (`--backbone flux --prompt "a cat" --save_xt_steps 24 26 --pid_ckpt_type 2kto4k`) are
-translated to the same overrides, so its README commands work with only the module path changed.
-Unknown keys and flags are errors.
+Two spellings reach the same settings, and may be mixed:
+
+    python -m pid.inference.from_ldm backbone=flux prompt="a cat, (sitting)" save_xt_steps=[24]
+    python -m pid.inference.from_ldm --backbone flux --prompt "a cat, (sitting)" --save_xt_steps 24 26
+
+Every option is declared once, in the entry point's YAML (`configs/<entry>.yaml`, and the backbone's file for
+`backbone.*` keys): its default, and a comment `# <type> meaning`. Help, type checking and the upstream flag
+table are derived from that. Values are taken verbatim: a text value (prompt, path, caption) reaches the program
+byte for byte — no Hydra grammar, no interpolation — so commas, quotes, brackets, `=`, `${...}`, backslashes,
+leading dashes and non-ASCII text all work. Hydra composes the defaults (the `backbone` group) and stops here:
+the rest of the program reads plain Python values.
+
+Exit codes: 0 every item done; 1 some items failed (listed in the summary and in failures.jsonl); 2 bad input
+before any work; 130 interrupted.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import sys
-from collections.abc import Callable, Sequence
+import textwrap
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
+from pid.config_files import config_dir
 from pid.errors import ConfigError, PiDError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = config_dir()
 
-# Reference flag -> (config key, number of values: 1, "+" for one or more, 0 for a switch, 2 for a pair).
-FlagTable = dict[str, tuple[str, Any]]
+EXIT_OK, EXIT_ITEMS_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+HELP_WORDS = ("--help", "-h", "help")
 
-COMMON_FLAGS: FlagTable = {
-    "--checkpoint_path": ("pid_checkpoint", 1),
-    "--pid_ckpt_type": ("pid_ckpt_type", 1),
-    "--seed": ("seed", 1),
-    "--cfg_scale": ("pid_cfg_scale", 1),
-    "--pid_inference_steps": ("pid_steps", 1),
-    "--shift": ("pid_shift", 1),
-    "--scale": ("scale", 1),
-    "--compile": ("compile", 0),
-    "--output_dir": ("output_dir", 1),
-    "--save_format": ("save_format", 1),
-    "--note": ("note", 1),
-    "--backbone": ("backbone", 1),
-    "--dtype": ("dtype", 1),
-    "--text_encoder": ("text_encoder", 1),
-    "--overwrite": ("overwrite", 0),
-}
-# Reference flags that have no effect here, accepted (and ignored with a warning) so old commands run.
-IGNORED_FLAGS: dict[str, int] = {"--experiment": 1, "--config_file": 1, "--load_ema_to_reg": 0, "--upload": 0,
-                                 "--group_name": 1}
+# ------------------------------------------------------------------------------------------------------------
+# Settings: the parsed command, as plain values with attribute access
 
 
-def _format_value(value: str) -> str:
-    """A value as a Hydra override literal (strings quoted unless they are plain numbers)."""
-    try:
-        float(value)
-        return value
-    except ValueError:
-        pass
-    if value.lower() in ("true", "false", "null"):
-        return value.lower()
-    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
-    return f"'{escaped}'"
+class Settings:
+    """Plain option values with attribute access (`s.prompt`, `s.backbone.name`, `s.get("pid_batch")`).
+
+    Built once from the command line; nothing downstream parses text again. Values are Python objects (str,
+    int, float, bool, list, dict, None); `backbone` is a nested Settings.
+    """
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        data = {k: Settings(v) if k == "backbone" and isinstance(v, Mapping) else v for k, v in values.items()}
+        object.__setattr__(self, "_values", data)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        self._values[key] = value
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._values
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._values.get(key, default)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v.to_dict() if isinstance(v, Settings) else v for k, v in self._values.items()}
+
+    def __repr__(self) -> str:
+        return f"Settings({self.to_dict()!r})"
 
 
-def translate_reference_flags(argv: Sequence[str], flags: FlagTable) -> list[str]:
-    """Turn reference-style `--flag value ...` arguments into Hydra overrides; keep native ones."""
-    overrides: list[str] = []
+# ------------------------------------------------------------------------------------------------------------
+# Options, read from the YAML files with their comments
+
+# `key: value  # <type> meaning`; groups are `# --- name ---` lines.
+_OPTION_LINE = re.compile(r"^(?P<key>[A-Za-z_][\w]*):(?P<value>[^#]*?)\s*#\s*<(?P<kind>[^>]+)>\s*(?P<help>.*)$")
+_GROUP_LINE = re.compile(r"^#\s*---\s*(?P<name>.+?)\s*---\s*$")
+KINDS = ("text", "path", "int", "float", "bool", "size", "ints", "floats", "mapping", "chunk", "choice")
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str  # "prompt", or "backbone.repo_path" for a backbone file's option
+    kind: str  # one of KINDS
+    default: Any
+    help: str
+    group: str
+    choices: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()  # the upstream `--flag` spellings that set it
+
+
+@dataclass(frozen=True)
+class EntryPoint:
+    """What the front door needs to know about one CLI."""
+
+    name: str  # "from_ldm" | "from_clean"
+    # upstream flag -> option key (the number of values follows from the option's type)
+    flags: Mapping[str, str]
+    # upstream flags accepted for compatibility that change nothing here -> (number of values, why)
+    no_effect: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+
+
+def _read_options(path: Path, prefix: str = "") -> tuple[list[Option], list[str]]:
+    """The options of one YAML file, and its leading comment block (the help page's description)."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    options, header, group, in_header = [], [], "options", True
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if in_header and line.startswith("#"):
+            header.append(line[2:] if line.startswith("# ") else line[1:])
+            continue
+        in_header = False
+        if match := _GROUP_LINE.match(line):
+            group = match["name"]
+            continue
+        if match := _OPTION_LINE.match(line):
+            kind, _, choices = match["kind"].partition(":")
+            if kind not in KINDS:
+                raise ValueError(f"{path}: option {match['key']} has unknown type <{kind}>")
+            options.append(Option(prefix + match["key"], kind, values[match["key"]], match["help"].strip(), group,
+                                  tuple(c for c in choices.split("|") if c)))
+    return options, header
+
+
+def _default_backbone(entry: EntryPoint) -> str:
+    from omegaconf import OmegaConf
+
+    defaults = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{entry.name}.yaml")).get("defaults", [])
+    return next(d["backbone"] for d in defaults if isinstance(d, dict) and "backbone" in d)
+
+
+def available_backbones() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "backbone").glob("*.yaml"))
+
+
+def entry_options(entry: EntryPoint, backbone: str | None = None) -> tuple[list[Option], list[str]]:
+    """Every option of an entry point (with the backbone's `backbone.*` options when one is named)."""
+    options, header = _read_options(CONFIG_DIR / f"{entry.name}.yaml")
+    # `backbone` is a Hydra config group (configs/backbone/*.yaml), not a plain key of the entry's file.
+    group = options[0].group if options else "options"
+    what = "the LDM" if entry.name == "from_ldm" else "whose VAE encodes"
+    options.insert(0, Option("backbone", "text", _default_backbone(entry), f"{what}: {', '.join(available_backbones())}",
+                             group))
+    if backbone is not None:
+        extra, _ = _read_options(CONFIG_DIR / "backbone" / f"{backbone}.yaml", prefix="backbone.")
+        options += extra
+    spellings: dict[str, list[str]] = {}
+    for flag, key in entry.flags.items():
+        spellings.setdefault(key, []).append(flag)
+    return [Option(o.key, o.kind, o.default, o.help, o.group, o.choices, tuple(spellings.get(o.key, ())))
+            for o in options], header
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Parsing
+
+
+@dataclass
+class Command:
+    """A parsed command line: settings, whether to only plan (`dry_run`), and which keys the user gave."""
+
+    entry: str
+    settings: Settings
+    dry_run: bool
+    given: dict[str, str]  # option key -> how the user spelled it ("--prompt" or "prompt=")
+
+
+@dataclass
+class _Raw:
+    key: str
+    values: list[str]
+    spelled: str  # "--flag" or "key="
+
+
+def _is_option_start(token: str, keys: set[str], entry: EntryPoint) -> bool:
+    name = token.split("=", 1)[0]
+    if token.startswith("--"):
+        return name in entry.flags or name in entry.no_effect or name[2:] in keys or name in ("--dry_run",)
+    return "=" in token and (name in keys or name.startswith("backbone.") or name == "dry_run")
+
+
+def _tokenize(argv: Sequence[str], entry: EntryPoint, kinds: Mapping[str, str]) -> list[_Raw]:
+    """Split argv into (key, raw values). Values are never reinterpreted: quotes, commas etc. stay as typed."""
+    from loguru import logger
+
+    keys = set(kinds)
+    raw: list[_Raw] = []
     i = 0
-    argv = list(argv)
     while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            overrides.append(arg)
-            i += 1
-            continue
-        name, eq, inline = arg.partition("=")
-        values: list[str] = [inline] if eq else []
-        if name in IGNORED_FLAGS:
-            count = IGNORED_FLAGS[name]
-            i += 1 + (0 if eq else count)
-            from loguru import logger
-
-            logger.warning("{} has no effect in pid and is ignored", name)
-            continue
-        if name not in flags:
-            known = ", ".join(sorted(flags))
-            raise ConfigError(f"unknown flag {name}; known flags: {known} (or use key=value overrides)")
-        key, arity = flags[name]
+        token = argv[i]
         i += 1
-        if not eq:
-            if arity == 0:
-                values = []
-            elif arity == "+":
-                while i < len(argv) and not argv[i].startswith("--") and "=" not in argv[i]:
-                    values.append(argv[i])
-                    i += 1
-            else:
-                values = argv[i : i + arity]
-                i += arity
-        if arity == 0:
-            overrides.append(f"{key}=true")
-        elif arity == "+" or arity == 2:
-            parts = [v for value in values for v in value.split(",") if v != ""]
-            if not parts or (arity == 2 and len(parts) != 2):
-                raise ConfigError(f"{name} needs {'two values' if arity == 2 else 'one or more values'}")
-            overrides.append(f"{key}=[{','.join(_format_value(v) for v in parts)}]")
+        if not token.startswith("--"):
+            key, eq, value = token.partition("=")
+            if not eq:
+                raise ConfigError(f"unexpected argument {token!r}: options are key=value or --flag value (see --help)")
+            raw.append(_Raw(key.lstrip("+"), [value], f"{key}="))
+            continue
+        name, eq, inline = token.partition("=")
+        if name in entry.no_effect:
+            count, why = entry.no_effect[name]
+            i += 0 if eq else count
+            logger.warning("{} is accepted for compatibility and has no effect here: {}", name, why)
+            continue
+        if name == "--dry_run":
+            raw.append(_Raw("dry_run", [inline if eq else "true"], name))
+            continue
+        key = entry.flags.get(name) or (name[2:] if name[2:] in keys else None)
+        if key is None:
+            raise ConfigError(f"unknown flag {name}; see --help for every option and its flag")
+        kind = kinds.get(key, "text")
+        if eq:
+            values = [inline]
+        elif kind == "bool":
+            # a switch; an explicit true/false may follow
+            values = ["true"]
+            if i < len(argv) and argv[i].lower() in ("true", "false"):
+                values, i = [argv[i]], i + 1
+        elif kind in ("ints", "floats") or (kind == "size" and key != "resolution"):
+            values = []
+            while i < len(argv) and not _is_option_start(argv[i], keys, entry):
+                values.append(argv[i])
+                i += 1
+            if not values:
+                raise ConfigError(f"{name} needs one or more values")
         else:
-            if len(values) != 1:
+            if i >= len(argv):
                 raise ConfigError(f"{name} needs a value")
-            overrides.append(f"{key}={_format_value(values[0])}")
-    return overrides
+            values = [argv[i]]  # taken whatever it looks like, so a prompt may start with a dash
+            i += 1
+            if kind == "size" and i < len(argv) and argv[i].isdigit():
+                values.append(argv[i])  # `--resolution 4096 3072`
+                i += 1
+        raw.append(_Raw(key, values, name))
+    return raw
 
 
-def compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
-    """Compose `configs/<config_name>.yaml` with overrides; unknown keys raise ConfigError."""
+_NULL = ("null", "none", "~")
+
+
+def _split_numbers(values: list[str]) -> list[str]:
+    joined = ",".join(values).strip()
+    if joined.startswith("[") and joined.endswith("]"):
+        joined = joined[1:-1]
+    return [p for p in re.split(r"[,\s]+", joined) if p]
+
+
+def convert_value(option: Option, values: list[str], spelled: str) -> Any:
+    """Typed value of an option from the raw strings the user typed (one for key=value)."""
+    kind, text = option.kind, " ".join(values)
+    what = spelled.rstrip("=")
+    if kind == "text":
+        return text
+    nullable_text = text.strip().lower()
+    if nullable_text in _NULL and kind != "text" and (option.default is None or kind in ("path", "chunk")):
+        return None
+    try:
+        if kind == "path":
+            return text if text.strip() else None
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind == "bool":
+            lowered = text.strip().lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if kind == "choice":
+            if text not in option.choices:
+                raise ConfigError(f"{what} must be one of {', '.join(option.choices)}, got {text!r}")
+            return text
+        if kind == "chunk":
+            lowered = text.strip().lower()
+            if lowered in ("auto",):
+                return "auto"
+            if lowered in ("0", "off"):
+                return None
+            return int(text)
+        if kind == "size":
+            parts = [p for p in re.split(r"[,x\s]+", " ".join(values).strip().strip("[]'\"").lower()) if p]
+            numbers = [int(p) for p in parts]
+            if len(numbers) not in (1, 2) or any(n <= 0 for n in numbers):
+                raise ValueError
+            return numbers[0] if len(numbers) == 1 else numbers
+        if kind == "ints":
+            return [int(p) for p in _split_numbers(values)]
+        if kind == "floats":
+            return [float(p) for p in _split_numbers(values)]
+        if kind == "mapping":
+            return _parse_mapping(text, what)
+    except ValueError:
+        example = {"int": "an integer", "float": "a number", "bool": "true or false",
+                   "size": "N, W,H or WxH (e.g. 2048 or 4096,3072)", "ints": "integers (e.g. 24,26)",
+                   "floats": "numbers (e.g. 0,0.2)", "chunk": "auto, a number of patches or null",
+                   "path": "a path"}[kind]
+        raise ConfigError(f"{what} must be {example}, got {text!r}") from None
+    raise AssertionError(kind)
+
+
+def _parse_mapping(text: str, what: str) -> dict[str, Any]:
+    """`{a: 1, b: [1, 2]}` (Hydra/YAML flow style) or JSON."""
+    text = text.strip()
+    if not text or text.lower() in _NULL:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.errors import HydraException
+
+        try:
+            value = OverridesParser.create().parse_override(f"x={text}").value()
+        except HydraException:
+            value = None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what} must be a mapping like {{max_sequence_length: 256}}, got {text!r}")
+    return value
+
+
+def _compose_defaults(entry: str, backbone: str) -> dict[str, Any]:
+    """The entry point's defaults with the chosen backbone group, composed by Hydra."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf import OmegaConf
 
-    if not (CONFIG_DIR / f"{config_name}.yaml").is_file():
-        raise ConfigError(
-            f"the Hydra configs are not at {CONFIG_DIR}; install pid from a source checkout with "
-            f'pip install -e ".[dev]" (the configs/ folder lives beside the package)'
-        )
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as exc:
-        first = str(exc).strip().splitlines()[0]
-        if "Could not find 'backbone/" in first:
-            asked = first.split("backbone/", 1)[1].split("'")[0]
-            known = sorted(p.stem for p in (CONFIG_DIR / "backbone").glob("*.yaml"))
-            raise ConfigError(f"unknown backbone {asked!r}; choose one of: {', '.join(known)}") from None
-        raise ConfigError(f"bad override: {first}") from None
-    OmegaConf.set_struct(cfg, True)
-    return cfg
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = hydra_compose(config_name=entry, overrides=[f"backbone={backbone}"])
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def parse_command(entry: EntryPoint, argv: Sequence[str]) -> Command:
+    """Parse a command line into settings; every problem is a one-line ConfigError."""
+    if not (CONFIG_DIR / f"{entry.name}.yaml").is_file():
+        raise ConfigError(f"the configs are not at {CONFIG_DIR}; reinstall pid (pip install .)")
+    base_options, _ = entry_options(entry)
+    kinds = {o.key: o.kind for o in base_options}
+    raw = _tokenize(list(argv), entry, kinds)
+    backbone = next((r.values[0] for r in reversed(raw) if r.key == "backbone"), None)
+    if backbone is None:
+        backbone = next(o.default for o in base_options if o.key == "backbone")
+    known = available_backbones()
+    if backbone not in known:
+        raise ConfigError(f"unknown backbone {backbone!r}; choose one of: {', '.join(known)}")
+    options = {o.key: o for o in entry_options(entry, backbone)[0]}
+    values = _compose_defaults(entry.name, backbone)
+    values["backbone"]["name"] = backbone
+    given: dict[str, str] = {}
+    dry_run = False
+    for item in raw:
+        if item.key == "backbone":
+            given["backbone"] = item.spelled
+            continue
+        if item.key == "dry_run":
+            dry_run = convert_value(Option("dry_run", "bool", False, "", ""), item.values, item.spelled)
+            continue
+        option = options.get(item.key)
+        if option is None:
+            if item.key.startswith("backbone."):
+                own = sorted(k.removeprefix("backbone.") for k in options if k.startswith("backbone."))
+                hint = f"backbone {backbone} has: {', '.join(own)}" if own else f"backbone {backbone} has none"
+                raise ConfigError(f"unknown option {item.key}; {hint}")
+            raise ConfigError(f"unknown option {item.spelled.rstrip('=')}; see --help for every option")
+        value = convert_value(option, item.values, item.spelled)
+        target = values["backbone"] if item.key.startswith("backbone.") else values
+        target[item.key.removeprefix("backbone.")] = value
+        given[item.key] = item.spelled
+    return Command(entry.name, Settings(values), bool(dry_run), given)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Help
+
+
+def _show_default(option: Option) -> str:
+    value = option.default
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False) if (not value or " " in value) else value
+    return json.dumps(value)
+
+
+def help_text(entry: EntryPoint, module: str) -> str:
+    """The usage page, generated from the YAML files' comments and the flag table."""
+    options, header = entry_options(entry)
+    width = 100
+    lines = [f"usage: python -m {module} [key=value ...] [--flag value ...] [--dry_run] [--help]", ""]
+    lines += header + [""]
+    groups: dict[str, list[Option]] = {}
+    for option in options:
+        groups.setdefault(option.group, []).append(option)
+    for name, members in groups.items():
+        lines.append(f"{name}:")
+        for option in members:
+            kind = f"<{option.kind}>" if option.kind != "choice" else "{" + "|".join(option.choices) + "}"
+            head = f"  {option.key}={kind}"
+            meta = f"default {_show_default(option)}"
+            if option.flags:
+                meta += "; upstream " + ", ".join(option.flags)
+            lines.append(head)
+            lines += textwrap.wrap(f"{option.help} ({meta})", width, initial_indent=" " * 6,
+                                   subsequent_indent=" " * 6)
+        lines.append("")
+    rae = [b for b in available_backbones() if _read_options(CONFIG_DIR / "backbone" / f"{b}.yaml")[0]]
+    if rae and entry.name == "from_ldm":
+        lines.append(f"backbone options (backbone.KEY=value; see --help with backbone={rae[0]}): "
+                     f"{', '.join(rae)} take their own keys, listed in docs/rae.md")
+        lines.append("")
+    if entry.no_effect:
+        lines.append("accepted upstream flags that change nothing here: " + ", ".join(sorted(entry.no_effect)))
+        lines.append("")
+    lines += ["exit codes: 0 all items done, 1 some items failed (see failures.jsonl), 2 bad input, 130 interrupted",
+              "--dry_run (or dry_run=true): resolve everything, print the plan as one JSON object, load nothing"]
+    return "\n".join(lines) + "\n"
+
+
+def backbone_help(entry: EntryPoint, backbone: str) -> str:
+    options = [o for o in entry_options(entry, backbone)[0] if o.key.startswith("backbone.")]
+    if not options:
+        return ""
+    lines = [f"options of backbone {backbone}:"]
+    for option in options:
+        lines.append(f"  {option.key}=<{option.kind}>")
+        lines += textwrap.wrap(f"{option.help} (default {_show_default(option)})", 100, initial_indent=" " * 6,
+                               subsequent_indent=" " * 6)
+    return "\n".join(lines) + "\n"
+
+
+def wants_help(entry: EntryPoint, argv: Sequence[str]) -> bool:
+    """`--help`, `-h` or `help` where an option could stand (not as the value of a flag such as --prompt)."""
+    options, _ = entry_options(entry)
+    kinds = {o.key: o.kind for o in options}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if token in HELP_WORDS:
+            return True
+        name = token.split("=", 1)[0]
+        key = entry.flags.get(name) or (name[2:] if name.startswith("--") and name[2:] in kinds else None)
+        if "=" not in token and key is not None and kinds.get(key) not in ("bool", "ints", "floats"):
+            i += 1  # its value, taken verbatim
+    return False
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Shared resolution helpers
 
 
 def parse_resolution(value: Any) -> tuple[int, int] | None:
-    """`N`, `"W,H"`, `[W, H]` -> (H, W); None stays None. Width first, as in the reference."""
+    """`N`, `[W, H]`, `"W,H"` or `"WxH"` -> (H, W); None stays None. Width first, as in the reference."""
     if value is None:
         return None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        side = int(value)
-        return side, side
+    if isinstance(value, bool):
+        raise ConfigError(f"resolution must be N or W,H (e.g. 2048 or 2304,1728), got {value!r}")
+    if isinstance(value, int | float):
+        return int(value), int(value)
     if isinstance(value, str):
-        parts = [p for p in value.replace("x", ",").split(",") if p.strip()]
+        parts = [p for p in re.split(r"[,x\s]+", value.strip().strip("[]").lower()) if p]
     else:
         parts = list(value)
     try:
         numbers = [int(p) for p in parts]
     except (TypeError, ValueError):
         numbers = []
-    if len(numbers) == 1:
+    if len(numbers) == 1 and numbers[0] > 0:
         return numbers[0], numbers[0]
     if len(numbers) == 2 and all(n > 0 for n in numbers):
         return numbers[1], numbers[0]
     raise ConfigError(f"resolution must be N or W,H (e.g. 2048 or 2304,1728), got {value!r}")
 
 
-def chunk_setting(cfg: DictConfig) -> int | str | None:
-    """`pid_chunk`: "auto" (sized from free memory), a number of patches, or null/0 (off)."""
-    value = cfg.pid_chunk
-    if value in (None, 0, "none", "off"):
-        return None
-    if value == "auto":
-        return "auto"
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f'pid_chunk must be auto, a number of patches or null, got {value!r}') from None
+def chunk_setting(settings: Settings) -> int | str | None:
+    """`pid_chunk`: "auto" (sized from free memory), a number of patches, or None (off); parsed already."""
+    value = settings.get("pid_chunk")
+    return None if value in (None, 0) else value
 
 
-def resolve_decoder(cfg: DictConfig) -> tuple[Any, int]:
-    """(checkpoint record, scale) for the config: the backbone's default decoder type unless
-    `pid_ckpt_type` names one (a type the backbone lacks is a one-line error listing valid ones); the
-    scale from the record unless `scale` overrides it."""
+def resolve_decoder(settings: Settings) -> tuple[Any, int]:
+    """(checkpoint record, scale): the backbone's default decoder type unless `pid_ckpt_type` names one (a type
+    the backbone lacks is a one-line error listing the valid ones); the scale from the record unless `scale`
+    overrides it. Says once when a newer decoder exists for the backbone."""
     from loguru import logger
 
     from pid.checkpoints import lookup
 
-    ckpt_type = None if cfg.pid_ckpt_type is None else str(cfg.pid_ckpt_type)
-    record = lookup(cfg.backbone.name, ckpt_type)
-    warn_unused_sampler_knobs(cfg, record)
-    scale = int(cfg.scale) if cfg.scale is not None else record.scale
+    ckpt_type = None if settings.pid_ckpt_type is None else str(settings.pid_ckpt_type)
+    record = lookup(settings.backbone.name, ckpt_type)
+    warn_unused_sampler_knobs(settings, record)
+    scale = int(settings.scale) if settings.scale is not None else record.scale
     if scale != record.scale:
-        logger.warning("scale={} differs from the {} decoder's training scale {}", scale, record.ckpt_type, record.scale)
+        logger.warning("scale={} differs from the {} decoder's training scale {}", scale, record.ckpt_type,
+                       record.scale)
+    newer = getattr(record, "newer", None)
+    if newer:
+        logger.info("a newer decoder exists for {}: pid_ckpt_type={} (you asked for {})", settings.backbone.name,
+                    newer, record.ckpt_type)
     return record, scale
 
 
-def warn_unused_sampler_knobs(cfg: DictConfig, record: Any) -> None:
-    """The distilled 4-step sampler has no CFG and no shift: say so instead of silently ignoring them."""
+def unused_sampler_knobs(settings: Settings, record: Any) -> list[str]:
+    """Options the decoder's sampler does not read (the distilled 4-step sampler has no CFG and no shift)."""
     if record.sampler != "distilled":
-        return
+        return []
+    return [key for key in ("pid_cfg_scale", "pid_shift") if settings.get(key) is not None]
+
+
+def warn_unused_sampler_knobs(settings: Settings, record: Any) -> None:
     from loguru import logger
 
-    for key in ("pid_cfg_scale", "pid_shift"):
-        if cfg.get(key) is not None:
-            logger.warning("{} only affects undistilled decoders (pid_ckpt_type=undistilled); ignored", key)
+    for key in unused_sampler_knobs(settings, record):
+        logger.warning("{} only affects undistilled decoders (pid_ckpt_type=undistilled); ignored", key)
 
 
-def run_cli(main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = None) -> int:
-    """Run an entry point, turning `PiDError`s into one-line messages and exit code 2."""
+def check_pid_steps(settings: Settings, record: Any) -> int:
+    """The PiD step count, checked before any model loads (upstream's rule for distilled decoders)."""
     from loguru import logger
 
+    steps = settings.pid_steps
+    if steps is None:
+        return 4 if record.sampler == "distilled" else 25
+    if steps < 1:
+        raise ConfigError(f"pid_steps must be >= 1, got {steps}")
+    if record.sampler == "distilled" and steps > 4:
+        logger.warning("the {} decoder was distilled for 4 steps; {} steps revisit its 5 times "
+                       "(upstream's round(linspace(0, 4, N+1)) rule) and are unlikely to help", record.ckpt_type,
+                       steps)
+    return int(steps)
+
+
+def check_output_dir(path: str | os.PathLike[str]) -> Path:
+    """The output folder must be a folder (or creatable) and writable; checked before any model loads."""
+    folder = Path(path).expanduser()
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ConfigError(f"output_dir {folder}: {probe} is a file, not a folder; choose another output_dir")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {folder}: {probe} is not writable; choose another output_dir")
+    return folder
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size from torchrun's environment (no process group needed)."""
+    from pid.inference.distributed import dist_env
+
+    env = dist_env()
+    return env.rank, env.world_size
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Running an entry point
+
+
+def run_cli(entry: EntryPoint, module: str, main: Callable[[Command], int | None],
+            argv: Sequence[str] | None = None) -> int:
+    """Parse, print help or run; turn `PiDError`s into one line on stderr and exit code 2."""
+    from loguru import logger
+
+    logger.enable("pid")
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        main(sys.argv[1:] if argv is None else argv)
+        if wants_help(entry, args):
+            backbone = next((a.split("=", 1)[1] for a in args if a.startswith("backbone=")), None)
+            text = help_text(entry, module)
+            if backbone in available_backbones():
+                text += "\n" + backbone_help(entry, backbone)
+            sys.stdout.write(text)
+            return EXIT_OK
+        command = parse_command(entry, args)
+        code = main(command)
     except PiDError as exc:
-        logger.error(str(exc))
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted; finished outputs are kept and a re-run resumes", file=sys.stderr)
-        return 130
-    return 0
+        return EXIT_INTERRUPTED
+    return EXIT_OK if code is None else int(code)
+
+
+def print_plan(plan: Mapping[str, Any]) -> None:
+    """The dry run's single JSON object on stdout."""
+    from pid.inference.io import to_json
+
+    sys.stdout.write(to_json(plan) + "\n")
+    sys.stdout.flush()

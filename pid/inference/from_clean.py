@@ -17,56 +17,66 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from loguru import logger
-from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from pid.errors import ConfigError, PiDError
 from pid.inference import distributed as dist
+from pid.inference import runs
 from pid.inference.cli import (
-    COMMON_FLAGS,
+    EXIT_ITEMS_FAILED,
+    Command,
+    EntryPoint,
+    Settings,
+    check_output_dir,
+    check_pid_steps,
     chunk_setting,
-    compose,
+    parse_command,
+    print_plan,
+    rank_and_world,
     resolve_decoder,
     run_cli,
-    translate_reference_flags,
+    unused_sampler_knobs,
 )
+from pid.inference.from_ldm import COMMON_FLAGS, COMMON_NO_EFFECT, DTYPES
 from pid.inference.io import (
     ManifestEntry,
-    build_run_tag,
     load_image,
-    read_jsonl,
     read_manifest,
     sample_name,
-    should_skip,
     signed_to_uint8,
     unit_to_uint8,
     write_csv,
     write_image,
-    write_json,
 )
 from pid.metrics import resize_to, summarize
 from pid.tiling import decode_within_memory
 
-FROM_CLEAN_FLAGS = {
-    **COMMON_FLAGS,
-    "--input_path": ("input_path", 1),
-    "--manifest": ("manifest", 1),
-    "--prompt": ("prompt", 1),
-    "--degrade_sigmas": ("degrade_sigmas", "+"),
-    "--max_side": ("max_side", 1),
-}
+FROM_CLEAN = EntryPoint(
+    "from_clean",
+    flags={
+        **COMMON_FLAGS,
+        "--input_path": "input_path",
+        "--manifest": "manifest",
+        "--prompt": "prompt",
+        "--degrade_sigmas": "degrade_sigmas",
+        "--max_side": "max_side",
+    },
+    no_effect=COMMON_NO_EFFECT,
+)
+MODULE = "pid.inference.from_clean"
 METRICS = ("psnr", "ssim", "delta_e2000")
 
 
-def load_config(argv: Sequence[str]) -> DictConfig:
-    return compose("from_clean", translate_reference_flags(list(argv), FROM_CLEAN_FLAGS))
+def load_config(argv: Sequence[str]) -> Settings:
+    """The settings for these command-line arguments (key=value or upstream --flags)."""
+    return parse_command(FROM_CLEAN, list(argv)).settings
 
 
 @dataclass
@@ -75,120 +85,193 @@ class Sample:
     image: Path
     prompt: str
     sample_id: str
+    missing: str | None = None  # why the image cannot be found, when it cannot
 
 
 @dataclass
 class CleanPlan:
     backbone: str
-    ckpt_type: str
+    record: Any
+    checkpoint: dict[str, Any]
     scale: int
     sigmas: list[float]
     samples: list[Sample]
+    pid_steps: int
     out_dir: Path
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ckpt_type(self) -> str:
+        return self.record.ckpt_type
+
+    def describe(self, rank: int, world_size: int) -> dict[str, Any]:
+        """The dry run's JSON object."""
+        mine = [s for _, s in dist.shard(self.samples, rank, world_size)]
+        return {
+            "entry": "from_clean", "backbone": self.backbone, "ckpt_type": self.ckpt_type,
+            "checkpoint": self.checkpoint, "net_config": self.record.net_config, "scale": self.scale,
+            "pid_steps": self.pid_steps, "output_dir": str(self.out_dir), "degrade_sigmas": self.sigmas,
+            "rank": rank, "world_size": world_size,
+            "images": [str(s.image) for s in mine if s.missing is None],
+            "prompts": [s.prompt for s in mine if s.missing is None],
+            "missing": [{"image": str(s.image), "reason": s.missing} for s in mine if s.missing],
+        }
 
 
-def plan_run(cfg: DictConfig) -> CleanPlan:
-    backbone = cfg.backbone.name
-    record, scale = resolve_decoder(cfg)
-    ckpt_type = record.ckpt_type
-    # Duplicates would only redo (and overwrite) the same work.
-    sigmas = sorted({float(s) for s in (cfg.degrade_sigmas if cfg.degrade_sigmas is not None else [0.0])})
+def _sample_from(index: int, entry: ManifestEntry, fallback_prompt: str | None) -> Sample:
+    return Sample(index, entry.image, entry.prompt or fallback_prompt or "", f"{sample_name(index)}_{entry.image.stem}",
+                  entry.missing_reason())
+
+
+def plan_run(settings: Settings) -> CleanPlan:
+    """Validate the settings and resolve every default; raises one-line ConfigError / InputError."""
+    backbone = settings.backbone.name
+    record, scale = resolve_decoder(settings)
+    sigmas = sorted({float(s) for s in (settings.degrade_sigmas if settings.degrade_sigmas is not None else [0.0])})
     bad = [s for s in sigmas if not 0.0 <= s <= 1.0 or math.isnan(s)]
     if bad or not sigmas:
-        raise ConfigError(f"degrade_sigmas must be values in [0, 1], got {list(cfg.degrade_sigmas)}")
-    if (cfg.manifest is None) == (cfg.input_path is None):
+        raise ConfigError(f"degrade_sigmas must be values in [0, 1], got {settings.degrade_sigmas}")
+    if (settings.manifest is None) == (settings.input_path is None):
         raise ConfigError("give exactly one of manifest=images.jsonl or input_path=image.png")
-    if cfg.manifest is not None:
-        entries = read_manifest(cfg.manifest)
-        samples = [
-            Sample(i, e.image, e.prompt or cfg.prompt or "", f"{sample_name(i)}_{e.image.stem}")
-            for i, e in enumerate(entries)
-        ]
+    if settings.manifest is not None:
+        samples = [_sample_from(i, e, settings.prompt) for i, e in enumerate(read_manifest(settings.manifest))]
     else:
-        path = Path(cfg.input_path)
-        samples = [Sample(0, path, cfg.prompt or "", path.stem)]
+        path = Path(settings.input_path).expanduser()
+        missing = None if path.is_file() else f"image {path} does not exist"
+        samples = [Sample(0, path, settings.prompt or "", path.stem, missing)]
     for sample in samples:
-        if not sample.prompt:
+        if not sample.prompt and sample.missing is None:
             logger.warning("{}: no caption (manifest or prompt=); decoding with an empty caption", sample.image)
-    if cfg.save_format not in ("png", "jpg"):
-        raise ConfigError(f"save_format must be png or jpg, got {cfg.save_format!r}")
-    pid_steps = cfg.pid_steps or (4 if record.sampler == "distilled" else 25)
-    tag = build_run_tag(backbone, record.hub_path, pid_steps=pid_steps, note=cfg.note or "")
-    tag += f"_x{scale}_seed{int(cfg.seed)}"
-    return CleanPlan(backbone, ckpt_type, scale, sigmas, samples, Path(cfg.output_dir) / tag)
+    if settings.max_side is not None and settings.max_side < 16:
+        raise ConfigError(f"max_side must be at least 16 px, got {settings.max_side}")
+    pid_steps = check_pid_steps(settings, record)
+    check_output_dir(settings.output_dir)
+    checkpoint = runs.describe_decoder_file(record, settings)
+    decoder = runs.decoder_identity(settings, record, checkpoint, scale, None, pid_steps, None)
+    identity = {"backbone": backbone, "decoder": decoder, "vae_dtype": settings.get("dtype"),
+                "max_side": settings.max_side, "save_format": settings.save_format}
+    ignored = set(unused_sampler_knobs(settings, record))
+    tag = runs.run_tag(
+        backbone, checkpoint, pid_steps=pid_steps,
+        cfg_scale=None if "pid_cfg_scale" in ignored else settings.pid_cfg_scale,
+        shift=None if "pid_shift" in ignored else settings.pid_shift, note=settings.note or "",
+    ) + f"_x{scale}_seed{int(settings.seed)}"
+    return CleanPlan(backbone, record, checkpoint, scale, sigmas, samples, pid_steps,
+                     Path(settings.output_dir).expanduser() / tag, identity)
 
 
 def _paths(plan: CleanPlan, sample: Sample, sigma: float, fmt: str) -> dict[str, Path]:
     folder = f"sigma_{sigma:.3f}"
     return {
+        "input": plan.out_dir / "input" / f"{sample.sample_id}.{fmt}",
         "pid": plan.out_dir / "pid" / folder / f"{sample.sample_id}.{fmt}",
         "vae": plan.out_dir / "vae" / folder / f"{sample.sample_id}.{fmt}",
         "grid": plan.out_dir / "grid" / folder / f"{sample.sample_id}.png",
     }
 
 
-def run(cfg: DictConfig, decoder: Any = None, latent_space: Any = None) -> dict[str, Any]:
-    """Run the evaluation; `decoder` / `latent_space` may be passed in (tests, embedding)."""
+def run(settings: Settings, decoder: Any = None, latent_space: Any = None,
+        plan: CleanPlan | None = None) -> dict[str, Any]:
+    """Run the evaluation; `decoder` / `latent_space` may be passed in (tests, embedding). Returns the summary
+    (on rank 0) with `exit_code`."""
     from pid.latents import get as get_latent_space
 
-    plan = plan_run(cfg)
+    plan = plan or plan_run(settings)
     env = dist.init_distributed()
-    device = torch.device(cfg.device) if cfg.device else dist.rank_device()
+    device = torch.device(settings.device) if settings.device else dist.rank_device()
+    store = runs.RecordStore(plan.out_dir, entry="from_clean")
+    store.check_layout(overwrite=settings.overwrite)
     mine = dist.shard(plan.samples, env.rank, env.world_size)
-    rows_file = plan.out_dir / f"metrics.rank{env.rank}.jsonl"
-    done_rows = read_jsonl(rows_file) if rows_file.is_file() and not cfg.overwrite else []
-    done_keys = {(r["sample_id"], r["sigma"]) for r in done_rows}
-    todo = [
-        (i, s) for i, s in mine
-        if cfg.overwrite or not all(
-            (s.sample_id, sigma) in done_keys and should_skip(_paths(plan, s, sigma, cfg.save_format).values(), False)
-            for sigma in plan.sigmas
-        )
-    ]
+    failures: list[dict[str, Any]] = []
+    todo: list[tuple[Sample, str, dict[str, Any], list[float], str]] = []
+    reasons: dict[str, str] = {}
+    for _, sample in mine:
+        if sample.missing:
+            failures.append({"image": str(sample.image), "reason": sample.missing})
+            continue
+        try:
+            digest = runs.sha256_file(sample.image)
+        except PiDError as exc:
+            failures.append({"image": str(sample.image), "reason": str(exc)})
+            continue
+        key, identity = runs.item_key({"image_sha256": digest, "prompt": sample.prompt,
+                                       "seed": int(settings.seed) + sample.index, **plan.identity})
+        reason = "overwrite" if settings.overwrite else store.needs_redo(sample.sample_id, key, identity)
+        sigmas = list(plan.sigmas)
+        if reason is None:
+            have = {row["sigma"] for row in (store.load(sample.sample_id) or {}).get("rows", [])}
+            sigmas = [s for s in plan.sigmas if s not in have]
+            reason = "new sigma" if sigmas else None
+        if reason:
+            todo.append((sample, key, identity, sigmas, digest))
+            reasons[sample.sample_id] = reason
     logger.info("rank {}/{}: {} images, {} to do; outputs in {}", env.rank, env.world_size, len(mine), len(todo),
                 plan.out_dir)
-    failures: list[dict[str, Any]] = []
-    rows = [r for r in done_rows if r["sample_id"] not in {s.sample_id for _, s in todo}]
     if todo:
         if latent_space is None:
-            latent_space = get_latent_space(plan.backbone).load(device=device, checkpoint_dir=cfg.checkpoint_dir)
+            kwargs: dict[str, Any] = {"device": device, "checkpoint_dir": settings.checkpoint_dir}
+            if settings.get("dtype"):
+                kwargs["dtype"] = DTYPES[settings.dtype]
+            if settings.get("pid_revision"):
+                kwargs["revision"] = settings.pid_revision
+            latent_space = get_latent_space(plan.backbone).load(**kwargs)
         if decoder is None:
             from pid.inference.from_ldm import build_decoder
 
-            decoder = build_decoder(cfg, plan, device)
-        for _, sample in tqdm(todo, desc=f"images (rank {env.rank})", disable=not dist.is_main()):
+            runs.require_decoder_file(plan.checkpoint)
+            decoder = build_decoder(settings, plan, device)
+        for sample, key, identity, sigmas, digest in tqdm(todo, desc=f"images (rank {env.rank})",
+                                                          disable=not dist.is_main()):
+            kept: list[dict[str, Any]] = []
+            if reasons[sample.sample_id] == "new sigma":
+                kept = store.load(sample.sample_id)["rows"]  # type: ignore[index]
+            else:
+                store.forget(sample.sample_id)
             try:
-                new_rows = _evaluate(cfg, plan, decoder, latent_space, sample, device)
+                new_rows = _evaluate(settings, plan, decoder, latent_space, sample, sigmas, device, digest)
             except PiDError as exc:
                 logger.error("{}: {}", sample.image, exc)
                 failures.append({"image": str(sample.image), "reason": str(exc)})
                 continue
             except (RuntimeError, ValueError, OSError) as exc:  # keep going past one bad image
-                logger.exception("{} failed", sample.image)
-                failures.append({"image": str(sample.image), "reason": f"{type(exc).__name__}: {exc}"})
+                logger.opt(exception=exc).debug("{} failed", sample.image)
+                logger.error("{}: {}: {}", sample.image, type(exc).__name__, runs.first_line(exc))
+                failures.append({"image": str(sample.image), "reason": f"{type(exc).__name__}: {runs.first_line(exc)}"})
                 continue
-            rows.extend(new_rows)
-            from pid.inference.io import append_jsonl
-
-            for row in new_rows:
-                append_jsonl(rows_file, row)
-    gathered = dist.gather_objects({"rows": rows, "failures": failures})
+            rows = sorted(kept + new_rows, key=lambda r: (r["sigma"], r["decoder"] != "vae"))
+            store.save(sample.sample_id, {"item_key": key, "identity": identity, "index": sample.index,
+                                          "sample_id": sample.sample_id, "image": str(sample.image), "rows": rows})
+            if settings.get("report", True):
+                _write_tables(plan, store, [], write_plot=False)
+                runs.refresh_report(plan.out_dir)
+    gathered = dist.gather_objects({"failures": failures, "redone": runs.count_reasons(reasons.values()),
+                                    "done": len(todo)})
     summary: dict[str, Any] = {}
     if dist.is_main():
-        all_rows = sorted((r for g in gathered for r in g["rows"]), key=lambda r: (r["index"], r["sigma"], r["decoder"]))
         all_failures = [f for g in gathered for f in g["failures"]]
-        summary = _report(plan, all_rows, all_failures, plot=cfg.plot)
+        redone: dict[str, int] = {}
+        for g in gathered:
+            for why, n in g["redone"].items():
+                redone[why] = redone.get(why, 0) + n
+        summary = _report(plan, store, all_failures, redone, plot=settings.plot)
+        if settings.get("report", True):
+            runs.refresh_report(plan.out_dir)
     dist.barrier()
+    failed = any(g["failures"] for g in gathered) if dist.is_main() else bool(failures)
+    summary["exit_code"] = EXIT_ITEMS_FAILED if failed else 0
     return summary
 
 
-def _evaluate(cfg, plan: CleanPlan, decoder, space, sample: Sample, device) -> list[dict[str, Any]]:
-    image = load_image(sample.image, multiple=space.size_multiple, max_side=cfg.max_side)  # [1,3,H,W] in [-1,1]
+def _evaluate(settings: Settings, plan: CleanPlan, decoder, space, sample: Sample, sigmas: list[float], device,
+              digest: str) -> list[dict[str, Any]]:
+    image = load_image(sample.image, multiple=space.size_multiple, max_side=settings.max_side)  # [1,3,H,W] in [-1,1]
     height, width = image.shape[-2:]
     min_side = space.size_multiple
     if height < min_side or width < min_side:
         raise ConfigError(f"image {sample.image} is smaller than one latent cell ({min_side} px)")
-    write_image(plan.out_dir / "input" / f"{sample.sample_id}.{cfg.save_format}", signed_to_uint8(image[0]))
+    fmt = settings.save_format
+    input_path = _paths(plan, sample, sigmas[0], fmt)["input"]
+    write_image(input_path, signed_to_uint8(image[0]))
     target = ((image + 1) / 2).clamp(0, 1)
     with torch.no_grad():
         clean = space.encode(image.to(device)).float()
@@ -196,20 +279,20 @@ def _evaluate(cfg, plan: CleanPlan, decoder, space, sample: Sample, device) -> l
     output_size = (native[0] * plan.scale, native[1] * plan.scale)
     embeds = decoder.encode_captions([sample.prompt])
     rows = []
-    for sigma in plan.sigmas:
-        seed = int(cfg.seed) + sample.index
+    for sigma in sigmas:
+        seed = int(settings.seed) + sample.index
         generator = torch.Generator(clean.device).manual_seed(seed)  # same eps for every sigma
         latent = space.add_noise(clean, sigma, generator) if sigma > 0 else clean
-        paths = _paths(plan, sample, sigma, cfg.save_format)
+        paths = _paths(plan, sample, sigma, fmt)
         start = time.perf_counter()
         with torch.no_grad():
             vae = ((space.decode(latent).float().clamp(-1, 1) + 1) / 2).cpu()
         vae_s = time.perf_counter() - start
         start = time.perf_counter()
         pid = decode_within_memory(
-            decoder, latent, chunk=chunk_setting(cfg), tile_size=cfg.pid_tile, overlap=cfg.pid_tile_overlap,
-            caption_embeds=embeds, degrade_sigma=sigma, steps=cfg.pid_steps, seed=seed,
-            output_size=output_size, cfg_scale=cfg.pid_cfg_scale, shift=cfg.pid_shift,
+            decoder, latent, chunk=chunk_setting(settings), tile_size=settings.pid_tile,
+            overlap=settings.pid_tile_overlap, caption_embeds=embeds, degrade_sigma=sigma, steps=settings.pid_steps,
+            seed=seed, output_size=output_size, cfg_scale=settings.pid_cfg_scale, shift=settings.pid_shift,
         ).cpu()
         pid_s = time.perf_counter() - start
         write_image(paths["vae"], unit_to_uint8(vae[0]))
@@ -219,9 +302,12 @@ def _evaluate(cfg, plan: CleanPlan, decoder, space, sample: Sample, device) -> l
             scores = summarize(resize_to(decoded, (height, width)), target)
             rows.append({
                 "index": sample.index, "sample_id": sample.sample_id, "image": str(sample.image),
-                "backbone": plan.backbone, "sigma": sigma, "decoder": name,
-                "input_size": f"{width}x{height}", "output_size": f"{decoded.shape[-1]}x{decoded.shape[-2]}",
+                "image_sha256": digest, "prompt": sample.prompt, "backbone": plan.backbone, "sigma": sigma,
+                "decoder": name, "input_size": f"{width}x{height}",
+                "output_size": f"{decoded.shape[-1]}x{decoded.shape[-2]}",
                 **{m: scores[m][0] for m in METRICS}, "seconds": round(seconds, 4),
+                "input": runs.relative(input_path, plan.out_dir), "output": runs.relative(paths[name], plan.out_dir),
+                "grid": runs.relative(paths["grid"], plan.out_dir),
             })
         logger.info("[{}] sigma={:.3f} psnr vae={:.2f} pid={:.2f} -> {}", sample.index, sigma,
                     rows[-2]["psnr"], rows[-1]["psnr"], paths["pid"])
@@ -256,8 +342,14 @@ def comparison_grid(target: torch.Tensor, vae: torch.Tensor, pid: torch.Tensor, 
     return canvas
 
 
-def _report(plan: CleanPlan, rows: list[dict[str, Any]], failures: list[dict[str, Any]], plot: bool) -> dict[str, Any]:
-    write_csv(plan.out_dir / "metrics.csv", rows)
+def _current_rows(plan: CleanPlan, store: runs.RecordStore) -> list[dict[str, Any]]:
+    """The rows of this run's images and sigmas, from every rank's records."""
+    current = {s.sample_id for s in plan.samples}
+    rows = [r for r in store.rows() if r["sample_id"] in current and r["sigma"] in plan.sigmas]
+    return sorted(rows, key=lambda r: (r["index"], r["sigma"], r["decoder"] != "vae"))
+
+
+def _means(plan: CleanPlan, rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
     means: dict[str, dict[str, dict[str, float]]] = {}
     for sigma in plan.sigmas:
         for name in ("vae", "pid"):
@@ -266,19 +358,37 @@ def _report(plan: CleanPlan, rows: list[dict[str, Any]], failures: list[dict[str
                 means.setdefault(f"{sigma:.3f}", {})[name] = {
                     m: float(np.mean([min(r[m], 100.0) if m == "psnr" else r[m] for r in picked])) for m in METRICS
                 } | {"count": len(picked)}
-    summary = {"backbone": plan.backbone, "ckpt_type": plan.ckpt_type, "scale": plan.scale,
-               "psnr_cap_db": 100.0, "means": means, "failures": failures, "output_dir": str(plan.out_dir)}
-    write_json(plan.out_dir / "summary.json", summary)
+    return means
+
+
+def _write_tables(plan: CleanPlan, store: runs.RecordStore, failures: list[dict[str, Any]],
+                  write_plot: bool, redone: dict[str, int] | None = None) -> dict[str, Any]:
+    rows = _current_rows(plan, store)
+    write_csv(plan.out_dir / "metrics.csv", rows)
+    means = _means(plan, rows)
+    summary = {"entry": "from_clean", "backbone": plan.backbone, "ckpt_type": plan.ckpt_type, "scale": plan.scale,
+               "checkpoint": plan.checkpoint, "psnr_cap_db": 100.0, "means": means, "failures": failures,
+               "redone": redone or {}, "output_dir": str(plan.out_dir)}
+    runs.write_summary(plan.out_dir, summary)
+    if write_plot and means:
+        _plot(plan.out_dir / "metrics.png", means)
+    return summary
+
+
+def _report(plan: CleanPlan, store: runs.RecordStore, failures: list[dict[str, Any]], redone: dict[str, int],
+            plot: bool) -> dict[str, Any]:
+    summary = _write_tables(plan, store, failures, plot, redone)
+    runs.write_failures(plan.out_dir, failures)
     lines = [f"{'sigma':>6}  {'decoder':<7} {'PSNR':>7} {'SSIM':>7} {'dE2000':>7}  n"]
-    for sigma, per in means.items():
+    for sigma, per in summary["means"].items():
         for name, vals in per.items():
             lines.append(f"{sigma:>6}  {name:<7} {vals['psnr']:7.2f} {vals['ssim']:7.4f} {vals['delta_e2000']:7.3f}  "
                          f"{vals['count']}")
     print("\n".join(lines))
+    done = ", ".join(f"{n} {why}" for why, n in sorted(redone.items())) or "none"
+    print(f"images redone: {done}; failed: {len(failures)}; outputs: {plan.out_dir}")
     for failure in failures:
         print(f"FAILED {failure['image']}: {failure['reason']}")
-    if plot and means:
-        _plot(plan.out_dir / "metrics.png", means)
     return summary
 
 
@@ -312,14 +422,20 @@ def _plot(path: Path, means: dict[str, dict[str, dict[str, float]]]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    def _main(args: Sequence[str]) -> None:
-        try:
-            run(load_config(args))
-        finally:
-            dist.cleanup()
+def _main(command: Command) -> int:
+    plan = plan_run(command.settings)
+    if command.dry_run:
+        rank, world = rank_and_world()
+        print_plan(plan.describe(rank, world))
+        return 0
+    try:
+        return run(command.settings, plan=plan).get("exit_code", 0)
+    finally:
+        dist.cleanup()
 
-    return run_cli(_main, argv)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(FROM_CLEAN, MODULE, _main, argv)
 
 
 if __name__ == "__main__":

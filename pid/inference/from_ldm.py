@@ -1,213 +1,325 @@
-"""prompts -> LDM (diffusers) -> captured latents -> baseline VAE decode and PiD decode -> images.
+"""prompts -> LDM (diffusers, or the upstream RAE code) -> captured latents -> baseline VAE decode and PiD decode.
 
-    python -m pid.inference.from_ldm backbone=flux prompt="a red fox in snow" save_xt_steps=[24]
-    python -m pid.inference.from_ldm --backbone flux --prompt "a red fox" --save_xt_steps 24 26   # reference flags
+    python -m pid.inference.from_ldm backbone=zimage-turbo prompt="a red fox in snow" save_xt_steps=7
+    python -m pid.inference.from_ldm --backbone flux --prompt "a red fox" --save_xt_steps 24 26   # upstream flags
+    python -m pid.inference.from_ldm backbone=flux prompt="a red fox" --dry_run                  # print the plan
     torchrun --nproc_per_node=8 -m pid.inference.from_ldm backbone=sd3 prompt_file=prompts.txt
 
-Outputs, under `<output_dir>/<run tag>/`: `pid/step_<label>/<index>.<fmt>` (PiD, full size),
-`vae/step_<label>/<index>.<fmt>` (the LDM's own VAE decode, LDM size), `compare/step_<label>/...`
-(baseline upscaled | PiD) and `metadata.jsonl` (one line per image). Existing outputs are
-skipped unless `overwrite=true`, so an interrupted run resumes.
+The command is parsed once (`pid.inference.cli`) and resolved into a `RunPlan` before any model loads; the run
+consumes the plan. Outputs, under `<output_dir>/<run tag>/`: `pid/step_<label>/<index>.<fmt>` (PiD),
+`vae/step_<label>/...` (the LDM's own VAE, LDM size), `compare/step_<label>/...`, one record per prompt in
+`records/` and, rebuilt from them, `metadata.jsonl` (one line per image), `failures.jsonl`, `summary.json`.
+A re-run redoes exactly the prompts whose identity (prompt, seeds, LDM and decoder settings, checkpoint file)
+changed, or whose files are missing.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from loguru import logger
-from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from pid.checkpoints import lookup
 from pid.errors import ConfigError, PiDError
 from pid.inference import distributed as dist
+from pid.inference import runs
 from pid.inference.cli import (
-    COMMON_FLAGS,
-    chunk_setting,
-    compose,
+    EXIT_ITEMS_FAILED,
+    Command,
+    EntryPoint,
+    Settings,
+    check_output_dir,
+    check_pid_steps,
+    parse_command,
     parse_resolution,
+    print_plan,
+    rank_and_world,
     resolve_decoder,
     run_cli,
-    translate_reference_flags,
+    unused_sampler_knobs,
 )
 from pid.inference.io import (
-    append_jsonl,
-    build_run_tag,
     make_comparison,
-    read_prompt_file,
+    resolve_prompt_file,
     sample_name,
-    should_skip,
     signed_to_uint8,
+    step_label,
     unit_to_uint8,
     write_image,
 )
 from pid.tiling import decode_within_memory
 
-FROM_LDM_FLAGS = {
-    **COMMON_FLAGS,
-    "--prompt": ("prompt", 1),
-    "--prompt_file": ("prompt_file", 1),
-    "--resolution": ("resolution", 1),
-    "--save_xt_steps": ("save_xt_steps", "+"),
-    "--backbone_model_id": ("model_id", 1),
-    "--ldm_inference_steps": ("ldm_steps", 1),
-    "--guidance_scale": ("guidance_scale", 1),
-    "--cpu_offload": ("cpu_offload", 0),
-    "--rae_repo_path": ("backbone.repo_path", 1),
-    "--rae_class_ids": ("backbone.class_ids", "+"),
-    "--rae_class_range": ("backbone.class_range", 2),
-    "--scale_rae_repo_path": ("backbone.repo_path", 1),
-    "--rae_decoder_ckpt": ("backbone.decoder_ckpt", 1),
-    "--rae_stats_path": ("backbone.stats_path", 1),
-    "--rae_dit_main_ckpt": ("backbone.dit_main_ckpt", 1),
-    "--rae_dit_guid_ckpt": ("backbone.dit_guid_ckpt", 1),
-    "--rae_cfg_scale": ("backbone.cfg_scale", 1),
-    "--rae_cfg_interval": ("backbone.cfg_interval", 2),
-    "--num_inference_steps": ("ldm_steps", 1),
-    "--scale_rae_model_path": ("backbone.model_path", 1),
-    "--scale_rae_pretrained_encoder": ("backbone.pretrained_encoder", 1),
-    "--scale_rae_decoder_config": ("backbone.decoder_config", 1),
-    "--scale_rae_decoder_ckpt": ("backbone.decoder_ckpt", 1),
-    "--scale_rae_guidance_level": ("backbone.guidance_level", 1),
-    "--scale_rae_max_new_tokens": ("backbone.max_new_tokens", 1),
-    "--scale_rae_prompt_prefix": ("backbone.prompt_prefix", 1),
+COMMON_FLAGS = {
+    "--checkpoint_path": "pid_checkpoint",
+    "--pid_ckpt_type": "pid_ckpt_type",
+    "--seed": "seed",
+    "--cfg_scale": "pid_cfg_scale",
+    "--pid_inference_steps": "pid_steps",
+    "--shift": "pid_shift",
+    "--scale": "scale",
+    "--compile": "compile",
+    "--output_dir": "output_dir",
+    "--save_format": "save_format",
+    "--note": "note",
+    "--backbone": "backbone",
+    "--dtype": "dtype",
+    "--text_encoder": "text_encoder",
+    "--overwrite": "overwrite",
+    "--pid_revision": "pid_revision",
 }
-
+# Upstream flags that are accepted so pasted commands run, but change nothing here: (values they take, why).
+COMMON_NO_EFFECT = {
+    "--experiment": (1, "the decoder follows backbone + pid_ckpt_type, or pid_checkpoint"),
+    "--config_file": (1, "the decoder's network config follows the checkpoint"),
+    "--load_ema_to_reg": (0, "the released files hold the EMA weights already"),
+    "--upload": (0, "outputs stay on local disk"),
+    "--group_name": (1, "outputs stay on local disk"),
+}
+FROM_LDM = EntryPoint(
+    "from_ldm",
+    flags={
+        **COMMON_FLAGS,
+        "--prompt": "prompt",
+        "--prompt_file": "prompt_file",
+        "--resolution": "resolution",
+        "--save_xt_steps": "save_xt_steps",
+        "--backbone_model_id": "model_id",
+        "--ldm_inference_steps": "ldm_steps",
+        "--num_inference_steps": "ldm_steps",
+        "--guidance_scale": "guidance_scale",
+        "--cpu_offload": "cpu_offload",
+        "--ldm_stop_at": "ldm_stop_at",
+        "--rae_repo_path": "backbone.repo_path",
+        "--rae_class_ids": "backbone.class_ids",
+        "--rae_class_range": "backbone.class_range",
+        "--scale_rae_repo_path": "backbone.repo_path",
+        "--rae_decoder_ckpt": "backbone.decoder_ckpt",
+        "--rae_stats_path": "backbone.stats_path",
+        "--rae_dit_main_ckpt": "backbone.dit_main_ckpt",
+        "--rae_dit_guid_ckpt": "backbone.dit_guid_ckpt",
+        "--rae_cfg_scale": "backbone.cfg_scale",
+        "--rae_cfg_interval": "backbone.cfg_interval",
+        "--scale_rae_model_path": "backbone.model_path",
+        "--scale_rae_pretrained_encoder": "backbone.pretrained_encoder",
+        "--scale_rae_decoder_config": "backbone.decoder_config",
+        "--scale_rae_decoder_ckpt": "backbone.decoder_ckpt",
+        "--scale_rae_guidance_level": "backbone.guidance_level",
+        "--scale_rae_max_new_tokens": "backbone.max_new_tokens",
+        "--scale_rae_prompt_prefix": "backbone.prompt_prefix",
+    },
+    no_effect=COMMON_NO_EFFECT,
+)
+MODULE = "pid.inference.from_ldm"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
-def load_config(argv: Sequence[str]) -> DictConfig:
-    """The composed config for these command-line arguments (Hydra overrides or reference flags)."""
-    argv = list(argv)
-    # `--backbone X` must select the Hydra group, so translate before composing.
-    return compose("from_ldm", translate_reference_flags(argv, FROM_LDM_FLAGS))
+def load_config(argv: Sequence[str]) -> Settings:
+    """The settings for these command-line arguments (key=value or upstream --flags)."""
+    return parse_command(FROM_LDM, list(argv)).settings
 
 
 @dataclass
 class RunPlan:
-    """Everything resolved from the config before any model is loaded (so bad input fails fast)."""
+    """Everything resolved from the command before any model loads (so bad input fails fast)."""
 
     backbone: str
-    ckpt_type: str
+    kind: str  # "diffusers" | "rae" | "scale_rae"
+    record: Any  # pid.checkpoints.CheckpointRecord
+    checkpoint: dict[str, Any]  # {"folder", "hub_file", "local_file"}
     scale: int
     output_size: tuple[int, int]  # (H, W) of PiD's output
     ldm_size: tuple[int, int]  # (H, W) the LDM runs at
+    ldm_model: str
     prompts: list[str]
     capture_steps: list[int]
     ldm_steps: int
+    ldm_stop_at: int | None
+    pid_steps: int
     pid_seed: int
     dtype: torch.dtype
     out_dir: Path
+    identity: dict[str, Any] = field(default_factory=dict)  # what decides every item's pixels, but the prompt
+
+    @property
+    def ckpt_type(self) -> str:
+        return self.record.ckpt_type
+
+    @property
+    def labels(self) -> list[str]:
+        return [step_label(k) for k in self.capture_steps] + ([] if self.ldm_stop_at else [step_label(None)])
+
+    def describe(self, rank: int, world_size: int) -> dict[str, Any]:
+        """The dry run's JSON object."""
+        mine = [prompt for _, prompt in dist.shard(self.prompts, rank, world_size)]
+        return {
+            "entry": "from_ldm", "backbone": self.backbone, "ckpt_type": self.ckpt_type,
+            "checkpoint": self.checkpoint, "net_config": self.record.net_config, "scale": self.scale,
+            "pid_steps": self.pid_steps, "pid_seed": self.pid_seed, "output_dir": str(self.out_dir),
+            "ldm_model": self.ldm_model, "ldm_steps": self.ldm_steps, "ldm_stop_at": self.ldm_stop_at,
+            "ldm_size": list(self.ldm_size), "output_size": list(self.output_size),
+            "capture_steps": list(self.capture_steps), "labels": self.labels,
+            "rank": rank, "world_size": world_size, "prompts": mine,
+        }
 
 
-def plan_run(cfg: DictConfig) -> RunPlan:
-    """Validate the config and resolve defaults; raises ConfigError / InputError with one-line messages."""
-    from pid.inference.pipelines import get_pipeline_spec
+def _size_error(what: str, out_w: int, out_h: int, cell: int, unit: str) -> ConfigError:
+    def near(n: int) -> str:
+        low, high = max(cell, n // cell * cell), (n // cell + 1) * cell
+        return str(low) if low == n else f"{low} or {high}"
+
+    return ConfigError(f"{what} {out_w}x{out_h} must be a multiple of {cell} {unit} on each side; nearest: "
+                       f"width {near(out_w)}, height {near(out_h)}")
+
+
+def plan_run(settings: Settings) -> RunPlan:
+    """Validate the settings and resolve every default; raises one-line ConfigError / InputError."""
     from pid.latents import get as get_latent_space
 
-    backbone = cfg.backbone.name
-    upstream = cfg.backbone.kind != "diffusers"
+    backbone, kind = settings.backbone.name, settings.backbone.kind
+    upstream = kind != "diffusers"
     if upstream:
         from pid.inference import rae_flows
 
-        rae_flows.repo_path(cfg)  # fails fast, saying what to clone where
-        if cfg.backbone.kind == "scale_rae":
+        rae_flows.repo_path(settings)  # fails fast, saying what to clone where
+        if kind == "scale_rae":
             rae_flows.check_scale_rae_transformers()  # before any model loads
-        default_steps = rae_flows.default_ldm_steps(cfg)
+        default_steps = rae_flows.default_ldm_steps(settings)
+        ldm_model = str(rae_flows.repo_path(settings))
     else:
-        default_steps = get_pipeline_spec(backbone).default_steps
-    record, scale = resolve_decoder(cfg)
-    ckpt_type = record.ckpt_type
+        from pid.inference.pipelines import get_pipeline_spec
+
+        spec = get_pipeline_spec(backbone)
+        default_steps = spec.default_steps
+        ldm_model = str(settings.model_id or spec.default_model_id)
+        _check_model_folder(backbone, settings.model_id)
+    record, scale = resolve_decoder(settings)
+    space = get_latent_space(backbone)
     if upstream:
-        # The RAE LDMs generate at one fixed size (dinov2 512 px, siglip 256 px).
-        native = rae_flows.ldm_size(cfg)
-        requested = parse_resolution(cfg.resolution)
+        # The RAE LDMs generate at one fixed size (dinov2 512 px, siglip 256 px); upstream's --resolution for
+        # them is that LDM size.
+        native = rae_flows.ldm_size(settings)
+        asked = parse_resolution(settings.get("ldm_resolution"))
+        if asked is not None and asked != native:
+            raise ConfigError(f"{backbone} generates at {native[1]} px only (upstream --resolution {native[1]}); "
+                              f"got {asked[1]}x{asked[0]}")
         output_size = (native[0] * scale, native[1] * scale)
+        requested = parse_resolution(settings.resolution)
         if requested is not None and requested != output_size:
             raise ConfigError(
                 f"{backbone} generates at {native[1]}x{native[0]} only, so resolution must be "
                 f"{output_size[1]} at scale {scale}; got {requested[1]}x{requested[0]}"
             )
     else:
-        output_size = parse_resolution(cfg.resolution) or (record.default_resolution,) * 2
+        if settings.get("ldm_resolution") is not None:
+            raise ConfigError("ldm_resolution is for dinov2/siglip; for diffusers backbones set resolution= "
+                              "(the output size; the LDM runs at resolution / scale)")
+        output_size = parse_resolution(settings.resolution) or (record.default_resolution,) * 2
     out_h, out_w = output_size
-    if out_h % scale or out_w % scale:
-        raise ConfigError(f"resolution {out_w}x{out_h} must be divisible by scale {scale} (the LDM runs at resolution / scale)")
+    cell = scale * space.size_multiple
+    if out_h % cell or out_w % cell:
+        raise _size_error("resolution", out_w, out_h, cell,
+                          f"px (scale {scale} x the latent's {space.size_multiple} px cell)")
     ldm_size = (out_h // scale, out_w // scale)
-    space = get_latent_space(backbone)
-    try:
-        space.check_size(*ldm_size)
-    except ConfigError as exc:
-        raise ConfigError(f"resolution {out_w}x{out_h} (LDM {ldm_size[1]}x{ldm_size[0]}): {exc}") from None
+    space.check_size(*ldm_size)
 
-    if upstream and rae_flows.is_class_conditional(cfg):
-        prompts = rae_flows.class_prompts(cfg)
+    if upstream and rae_flows.is_class_conditional(settings):
+        prompts = rae_flows.class_prompts(settings)
     else:
-        if (cfg.prompt is None) == (cfg.prompt_file is None):
-            raise ConfigError('give exactly one of prompt="..." or prompt_file=path.txt')
-        prompts = [str(cfg.prompt)] if cfg.prompt is not None else read_prompt_file(cfg.prompt_file)
+        if (settings.prompt is None) == (settings.prompt_file is None):
+            raise ConfigError('give exactly one of prompt="..." or prompt_file=path.txt (or a shipped set: creative)')
+        if settings.prompt is not None:
+            if not settings.prompt.strip():
+                raise ConfigError("prompt is empty; give the text to generate")
+            prompts = [settings.prompt]
+        else:
+            from pid.inference.io import read_prompt_file
 
-    ldm_steps = int(cfg.ldm_steps) if cfg.ldm_steps is not None else default_steps
-    capture_steps = sorted({int(s) for s in (cfg.save_xt_steps or [])})
+            prompts = read_prompt_file(resolve_prompt_file(settings.prompt_file))
+
+    ldm_steps = int(settings.ldm_steps) if settings.ldm_steps is not None else default_steps
+    if ldm_steps < 1:
+        raise ConfigError(f"ldm_steps must be >= 1, got {ldm_steps}")
+    capture_steps = sorted(set(settings.save_xt_steps or []))
+    stop_at = settings.get("ldm_stop_at")
+    if stop_at is not None:
+        if upstream:
+            raise ConfigError("ldm_stop_at works with the diffusers backbones; dinov2/siglip run their own loop")
+        if not 1 <= stop_at <= ldm_steps:
+            raise ConfigError(f"ldm_stop_at {stop_at} out of range [1, {ldm_steps}] (the LDM runs {ldm_steps} steps)")
+        later = [s for s in capture_steps if s > stop_at]
+        if later:
+            raise ConfigError(f"save_xt_steps {later} come after ldm_stop_at={stop_at}; the LDM stops before them")
+        capture_steps = sorted({*capture_steps, stop_at})
     bad = [s for s in capture_steps if not 1 <= s <= ldm_steps]
     if bad:
         raise ConfigError(f"save_xt_steps {bad} out of range [1, {ldm_steps}] (the LDM runs {ldm_steps} steps)")
-    if cfg.dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
-    if cfg.save_format not in ("png", "jpg"):
-        raise ConfigError(f"save_format must be png or jpg, got {cfg.save_format!r}")
+    pid_steps = check_pid_steps(settings, record)
+    for key in ("pid_batch", "pid_tile_overlap"):
+        if settings.get(key) is not None and settings.get(key) < (1 if key == "pid_batch" else 0):
+            raise ConfigError(f"{key} must be >= {1 if key == 'pid_batch' else 0}, got {settings.get(key)}")
+    check_output_dir(settings.output_dir)
+    checkpoint = runs.describe_decoder_file(record, settings)
+    pid_seed = int(settings.seed if settings.pid_seed is None else settings.pid_seed)
 
-    pid_steps = cfg.pid_steps or (4 if record.sampler == "distilled" else 25)
-    # LDM settings, size and seed are in the tag so runs that differ in them never resume into (or
-    # overwrite) each other's files.
-    ldm_tag = f"ldm{ldm_steps}" + (f"g{cfg.guidance_scale}" if cfg.guidance_scale is not None else "")
-    if cfg.model_id:
-        ldm_tag += "_" + Path(str(cfg.model_id)).name
-    tag = build_run_tag(
-        backbone, record.hub_path, pid_steps=pid_steps, cfg_scale=cfg.pid_cfg_scale, shift=cfg.pid_shift,
-        note=cfg.note or "",
-    ) + f"_{ldm_tag}_{out_w}x{out_h}_seed{int(cfg.seed)}"
-    return RunPlan(
-        backbone=backbone,
-        ckpt_type=ckpt_type,
-        scale=scale,
-        output_size=output_size,
-        ldm_size=ldm_size,
-        prompts=prompts,
-        capture_steps=capture_steps,
-        ldm_steps=ldm_steps,
-        pid_seed=int(cfg.seed if cfg.pid_seed is None else cfg.pid_seed),
-        dtype=DTYPES[cfg.dtype],
-        out_dir=Path(cfg.output_dir) / tag,
+    ldm_settings = {
+        "ldm_model": ldm_model, "ldm_revision": settings.get("ldm_revision"), "ldm_steps": ldm_steps,
+        "guidance_scale": settings.guidance_scale, "ldm_kwargs": settings.ldm_kwargs or {},
+        "ldm_size": list(ldm_size), "dtype": settings.dtype, "capture_steps": capture_steps,
+        "ldm_stop_at": stop_at, "backbone_options": settings.backbone.to_dict(),
+    }
+    decoder_settings = runs.decoder_identity(settings, record, checkpoint, scale, output_size, pid_steps, pid_seed)
+    identity = {"backbone": backbone, "ldm": ldm_settings, "decoder": decoder_settings,
+                "files": {"save_format": settings.save_format, "comparison": bool(settings.comparison)}}
+    ignored = set(unused_sampler_knobs(settings, record))
+    tag = runs.run_tag(
+        backbone, checkpoint, pid_steps=pid_steps,
+        cfg_scale=None if "pid_cfg_scale" in ignored else settings.pid_cfg_scale,
+        shift=None if "pid_shift" in ignored else settings.pid_shift, note=settings.note or "",
     )
+    ldm_tag = f"ldm{ldm_steps}" + (f"g{settings.guidance_scale}" if settings.guidance_scale is not None else "")
+    if settings.model_id:
+        ldm_tag += "_" + runs.tag_safe(Path(str(settings.model_id)).name)
+    tag += f"_{ldm_tag}_{out_w}x{out_h}_seed{int(settings.seed)}"
+    return RunPlan(
+        backbone=backbone, kind=kind, record=record, checkpoint=checkpoint, scale=scale, output_size=output_size,
+        ldm_size=ldm_size, ldm_model=ldm_model, prompts=prompts, capture_steps=capture_steps, ldm_steps=ldm_steps,
+        ldm_stop_at=stop_at, pid_steps=pid_steps, pid_seed=pid_seed, dtype=DTYPES[settings.dtype],
+        out_dir=Path(settings.output_dir).expanduser() / tag, identity=identity,
+    )
+
+
+def _check_model_folder(backbone: str, model_id: str | None) -> None:
+    """A local pipeline folder must hold the backbone's pipeline class (checked before anything loads)."""
+    if not model_id:
+        return
+    from pid.inference import pipelines
+
+    check = getattr(pipelines, "check_model_folder", None)
+    if check is not None:
+        check(backbone, model_id)
 
 
 def output_paths(out_dir: Path, index: int, label: str, fmt: str) -> dict[str, Path]:
     name = f"{sample_name(index)}.{fmt}"
-    return {
-        "pid": out_dir / "pid" / f"step_{label}" / name,
-        "vae": out_dir / "vae" / f"step_{label}" / name,
-        "compare": out_dir / "compare" / f"step_{label}" / name,
-    }
+    return {kind: out_dir / kind / f"step_{label}" / name for kind in ("pid", "vae", "compare")}
 
 
-def build_decoder(cfg: DictConfig, plan: RunPlan, device: torch.device):
+def build_decoder(settings: Settings, plan: Any, device: torch.device):
     from pid.decoder import PiDDecoder
 
+    kwargs: dict[str, Any] = {}
+    if settings.get("pid_revision"):
+        kwargs["revision"] = settings.pid_revision
     decoder = PiDDecoder.from_pretrained(
-        plan.backbone,
-        plan.ckpt_type,
-        device=device,
-        checkpoint=cfg.pid_checkpoint,
-        checkpoint_dir=cfg.checkpoint_dir,
-        text_encoder=cfg.text_encoder,
+        plan.backbone, plan.ckpt_type, device=device, checkpoint=settings.pid_checkpoint,
+        checkpoint_dir=settings.checkpoint_dir, text_encoder=settings.text_encoder, **kwargs,
     )
-    if cfg.compile:
+    if settings.compile:
         decoder.compile()
     return decoder
 
@@ -224,125 +336,149 @@ class Capture:
 class DiffusersSource:
     """Runs a diffusers pipeline for a prompt and returns its captured latents in PiD's space."""
 
-    def __init__(self, cfg: DictConfig, plan: RunPlan, pipe: Any, device: torch.device) -> None:
+    def __init__(self, settings: Settings, plan: RunPlan, pipe: Any, device: torch.device) -> None:
         from pid.inference.pipelines import get_pipeline_spec
         from pid.latents import get as get_latent_space
 
-        self.cfg, self.plan, self.pipe, self.device = cfg, plan, pipe, device
+        self.settings, self.plan, self.pipe, self.device = settings, plan, pipe, device
         self.spec = get_pipeline_spec(plan.backbone)
         self.space = get_latent_space(plan.backbone).from_pipeline(pipe)  # the LDM's own VAE: no second copy
+        self.last_steps_run = plan.ldm_steps
 
     def generate(self, index: int, prompt: str) -> list[Capture]:
         from pid.inference.pipelines import call_kwargs
         from pid.inference.step_capture import StepCapture
 
-        cfg, plan = self.cfg, self.plan
-        capture = StepCapture(plan.capture_steps, plan.ldm_steps)
+        settings, plan = self.settings, self.plan
+        capture_kwargs = {"stop_at": plan.ldm_stop_at} if plan.ldm_stop_at else {}
+        capture = StepCapture(plan.capture_steps, plan.ldm_steps, **capture_kwargs)
         gen_device = self.device if self.device.type == "cuda" else torch.device("cpu")
-        generator = torch.Generator(gen_device).manual_seed(int(cfg.seed) + index)
+        generator = torch.Generator(gen_device).manual_seed(int(settings.seed) + index)
         kwargs = call_kwargs(
-            self.spec,
-            prompt=prompt,
-            height=plan.ldm_size[0],
-            width=plan.ldm_size[1],
-            num_inference_steps=plan.ldm_steps,
-            guidance_scale=cfg.guidance_scale,
-            generator=generator,
-            capture=capture,
-            overrides=OmegaConf.to_container(cfg.ldm_kwargs) if cfg.ldm_kwargs else None,
+            self.spec, prompt=prompt, height=plan.ldm_size[0], width=plan.ldm_size[1],
+            num_inference_steps=plan.ldm_steps, guidance_scale=settings.guidance_scale, generator=generator,
+            capture=capture, overrides=dict(settings.ldm_kwargs or {}),
         )
         final = self.pipe(**kwargs).images
+        self.last_steps_run = int(getattr(capture, "steps_run", plan.ldm_steps))
+        items = capture.results(final, self.pipe.scheduler)
+        if plan.ldm_stop_at:
+            items = [item for item in items if item.step is not None]  # x0 was never computed
         out = []
-        for item in capture.results(final, self.pipe.scheduler):
+        for item in items:
             latent = self.space.from_pipeline_latent(item.latent, *plan.ldm_size)
             latent, sigma = self.space.to_training_frame(latent.float(), item.sigma)  # SDXL: Euler -> VP frame
             out.append(Capture(item.label, latent, float(sigma)))
         return out
 
 
-def make_source(cfg: DictConfig, plan: RunPlan, device: torch.device, pipe: Any = None):
+def make_source(settings: Settings, plan: RunPlan, device: torch.device, pipe: Any = None):
     """The latent source for the configured backbone (diffusers pipeline, or upstream RAE code)."""
-    if cfg.backbone.kind != "diffusers":
+    if plan.kind != "diffusers":
         from pid.inference import rae_flows
 
-        return rae_flows.make_source(cfg, plan, device)
+        return rae_flows.make_source(settings, plan, device)
     if pipe is None:
         from pid.inference.pipelines import get_pipeline_spec, load_pipeline
 
-        pipe = load_pipeline(
-            get_pipeline_spec(plan.backbone), cfg.model_id, dtype=plan.dtype, device=device,
-            cpu_offload=cfg.cpu_offload,
-        )
-    return DiffusersSource(cfg, plan, pipe, device)
+        kwargs = {"revision": settings.ldm_revision} if settings.get("ldm_revision") else {}
+        pipe = load_pipeline(get_pipeline_spec(plan.backbone), settings.model_id, dtype=plan.dtype, device=device,
+                             cpu_offload=settings.cpu_offload, **kwargs)
+    return DiffusersSource(settings, plan, pipe, device)
 
 
-def run(cfg: DictConfig, pipe: Any = None, decoder: Any = None, source: Any = None) -> dict[str, Any]:
-    """Run from_ldm for a composed config. `pipe`, `decoder` or a ready latent `source` may be passed in
-    (tests, embedding). Returns the summary (rank 0: gathered over ranks): counts, failures, timings.
-    """
-    plan = plan_run(cfg)
+def run(settings: Settings, pipe: Any = None, decoder: Any = None, source: Any = None,
+        plan: RunPlan | None = None) -> dict[str, Any]:
+    """Run from_ldm. `pipe`, `decoder` or a ready latent `source` may be passed in (tests, embedding).
+    Returns the summary (rank 0: gathered over ranks): counts, redone items and why, failures, timings."""
+    plan = plan or plan_run(settings)
     env = dist.init_distributed()
-    device = torch.device(cfg.device) if cfg.device else dist.rank_device()
+    device = torch.device(settings.device) if settings.device else dist.rank_device()
+    store = runs.RecordStore(plan.out_dir, entry="from_ldm")
+    store.check_layout(overwrite=settings.overwrite)
     items = dist.shard(plan.prompts, env.rank, env.world_size)
-    fmt = cfg.save_format
-    labels = [f"{k:02d}xt" for k in plan.capture_steps] + ["x0"]
-    todo = [
-        (index, prompt)
-        for index, prompt in items
-        if not should_skip(
-            [p for label in labels for key, p in output_paths(plan.out_dir, index, label, fmt).items()
-             if key != "compare" or cfg.comparison],
-            cfg.overwrite,
-        )
-    ]
-    logger.info(
-        "rank {}/{}: {} prompts, {} to do ({} done); outputs in {}",
-        env.rank, env.world_size, len(items), len(todo), len(items) - len(todo), plan.out_dir,
-    )
+    todo, reasons = [], {}
+    for index, prompt in items:
+        key, identity = runs.item_key({"prompt": prompt, "ldm_seed": int(settings.seed) + index, **plan.identity})
+        reason = "overwrite" if settings.overwrite else store.needs_redo(sample_name(index), key, identity)
+        if reason:
+            todo.append((index, prompt, key, identity))
+            reasons[index] = reason
+    redone = runs.count_reasons(reasons.values())
+    logger.info("rank {}/{}: {} prompts, {} to do ({} up to date); outputs in {}", env.rank, env.world_size,
+                len(items), len(todo), len(items) - len(todo), plan.out_dir)
     summary: dict[str, Any] = {"rank": env.rank, "prompts": len(items), "skipped": len(items) - len(todo),
-                               "images": 0, "failed": [], "ldm_s": 0.0, "pid_s": 0.0, "vae_s": 0.0}
+                               "redone": redone, "images": 0, "failed": [], "ldm_s": 0.0, "pid_s": 0.0,
+                               "vae_s": 0.0, "steps_run": 0, "steps_skipped": 0}
     if todo:
         # PiD (and Gemma) first: when memory is short, every caption is encoded now and Gemma leaves
         # the GPU before the LDM arrives, so the two never share it.
         if decoder is None:
-            decoder = build_decoder(cfg, plan, device)
-        if offload_caption_encoder(cfg, device):
-            if source is None and cfg.backbone.kind != "diffusers":
+            runs.require_decoder_file(plan.checkpoint)
+            decoder = build_decoder(settings, plan, device)
+        if offload_caption_encoder(settings, device):
+            if source is None and plan.kind != "diffusers":
                 from pid.inference import rae_flows
 
-                captions = [rae_flows.caption_for_item(cfg, p) for _, p in todo]  # class names, not ids
+                captions = [rae_flows.caption_for_item(settings, p) for _, p, _, _ in todo]  # class names
             elif source is None or not hasattr(source, "caption_for"):
-                captions = [prompt for _, prompt in todo]
+                captions = [prompt for _, prompt, _, _ in todo]
             else:
-                captions = [source.caption_for(i, p) for i, p in todo]
+                captions = [source.caption_for(i, p) for i, p, _, _ in todo]
             precompute_captions(decoder, captions)
         if source is None:
-            source = make_source(cfg, plan, device, pipe)
-        for index, prompt in tqdm(todo, desc=f"prompts (rank {env.rank})", disable=not dist.is_main()):
+            source = make_source(settings, plan, device, pipe)
+        for index, prompt, key, identity in tqdm(todo, desc=f"prompts (rank {env.rank})", disable=not dist.is_main()):
+            name = sample_name(index)
+            store.forget(name)  # the old record and its files go first: nothing stale survives a failure
             try:
                 start = time.perf_counter()
                 captures = source.generate(index, prompt)
                 ldm_s = time.perf_counter() - start
-                summary["ldm_s"] += ldm_s
+                steps_run = int(getattr(source, "last_steps_run", plan.ldm_steps))
                 caption = getattr(source, "caption_for", lambda i, p: p)(index, prompt)
-                _decode_and_save(cfg, plan, decoder, source.space, index, caption, captures, ldm_s, summary)
+                rows = _decode_and_save(settings, plan, decoder, source.space, index, caption, captures, ldm_s,
+                                        steps_run, summary)
             except PiDError as exc:
                 logger.error("[{}] {}", index, exc)
                 summary["failed"].append({"index": index, "prompt": prompt, "error": str(exc)})
-            except (RuntimeError, ValueError) as exc:  # one bad prompt must not end the batch
-                logger.exception("[{}] failed", index)
-                summary["failed"].append({"index": index, "prompt": prompt, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            except (RuntimeError, ValueError, OSError) as exc:  # one bad prompt must not end the batch
+                logger.opt(exception=exc).debug("[{}] failed", index)
+                logger.error("[{}] {}: {}", index, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                summary["failed"].append({"index": index, "prompt": prompt,
+                                          "error": f"{type(exc).__name__}: {runs.first_line(exc)}"})
+                continue
+            summary["ldm_s"] += ldm_s
+            summary["steps_run"] += steps_run
+            summary["steps_skipped"] += plan.ldm_steps - steps_run
+            store.save(name, {"item_key": key, "identity": identity, "index": index, "prompt": prompt,
+                              "rows": rows})
+            store.write_metadata()
+            if settings.get("report", True):
+                runs.refresh_report(plan.out_dir)
     gathered = dist.gather_objects(summary)
     total = _merge(gathered)
+    exit_code = 0
     if dist.is_main():
+        store.write_metadata()
+        runs.write_failures(plan.out_dir, total["failed"])
+        runs.write_summary(plan.out_dir, {
+            "entry": "from_ldm", "backbone": plan.backbone, "ckpt_type": plan.ckpt_type,
+            "checkpoint": plan.checkpoint, "output_dir": str(plan.out_dir),
+            **{k: v for k, v in total.items() if k != "failed"}, "failed": len(total["failed"]),
+        })
+        if settings.get("report", True):
+            runs.refresh_report(plan.out_dir)
         _print_summary(plan, total)
     dist.barrier()
-    return total if dist.is_main() else summary
+    total["exit_code"] = EXIT_ITEMS_FAILED if total["failed"] else exit_code
+    return total if dist.is_main() else summary | {"exit_code": total["exit_code"]}
 
 
-def offload_caption_encoder(cfg: DictConfig, device: torch.device) -> bool:
-    """`caption_encoder_offload`: true/false, or null = only on CUDA devices with less than 48 GiB."""
-    choice = cfg.get("caption_encoder_offload")
+def offload_caption_encoder(settings: Settings, device: torch.device) -> bool:
+    """`caption_encoder_offload`: true/false, or unset = only on CUDA devices with less than 48 GiB."""
+    choice = settings.get("caption_encoder_offload")
     if choice is not None:
         return bool(choice)
     if device.type != "cuda":
@@ -362,88 +498,84 @@ def precompute_captions(decoder, captions: list[str]) -> None:
     logger.info("encoded {} captions; caption encoder moved to the CPU", len(set(captions)))
 
 
-def _decode_and_save(cfg, plan: RunPlan, decoder, space, index: int, caption: str, captures: list[Capture],
-                     ldm_s: float, summary: dict[str, Any]) -> None:
+def _decode_and_save(settings: Settings, plan: RunPlan, decoder, space, index: int, caption: str,
+                     captures: list[Capture], ldm_s: float, steps_run: int,
+                     summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Decode one prompt's captures with PiD and the baseline, write the images, return the metadata rows."""
+    from pid.inference.cli import chunk_setting
+
     embeds = decoder.encode_captions([caption])  # once per prompt, reused for every captured step
     # PiD decodes up to `pid_batch` captures of this prompt in one call (per-sample sigma). The noise of a
     # batch is one draw of [B, 3, H, W], so pid_batch > 1 gives different (still reproducible) samples.
-    batch = max(1, int(cfg.get("pid_batch") or 1))
+    batch = max(1, int(settings.get("pid_batch") or 1))
     decoded: list[tuple[torch.Tensor, float]] = []
     for start in range(0, len(captures), batch):
         group = captures[start : start + batch]
         t0 = time.perf_counter()
         images = decode_within_memory(
-            decoder,
-            torch.cat([c.latent for c in group]),
-            chunk=chunk_setting(cfg),
-            tile_size=cfg.pid_tile,
-            overlap=cfg.pid_tile_overlap,
-            caption_embeds=embeds,
-            degrade_sigma=[min(max(c.sigma, 0.0), 1.0) for c in group],
-            steps=cfg.pid_steps,
-            seed=plan.pid_seed,
-            output_size=plan.output_size,
-            cfg_scale=cfg.pid_cfg_scale,
-            shift=cfg.pid_shift,
+            decoder, torch.cat([c.latent for c in group]), chunk=chunk_setting(settings),
+            tile_size=settings.pid_tile, overlap=settings.pid_tile_overlap, caption_embeds=embeds,
+            degrade_sigma=[min(max(c.sigma, 0.0), 1.0) for c in group], steps=settings.pid_steps,
+            seed=plan.pid_seed, output_size=plan.output_size, cfg_scale=settings.pid_cfg_scale,
+            shift=settings.pid_shift,
         )
         seconds = (time.perf_counter() - t0) / len(group)
         decoded.extend((image[None], seconds) for image in images)
+    rows = []
     for item, (image, pid_s) in zip(captures, decoded, strict=True):
-        latent, sigma = item.latent, item.sigma
-        paths = output_paths(plan.out_dir, index, item.label, cfg.save_format)
+        paths = output_paths(plan.out_dir, index, item.label, settings.save_format)
         t0 = time.perf_counter()
         with torch.no_grad():
-            baseline = space.decode(latent).float().clamp(-1, 1)  # [1, 3, h, w] in [-1, 1]
+            baseline = space.decode(item.latent).float().clamp(-1, 1)  # [1, 3, h, w] in [-1, 1]
         vae_s = time.perf_counter() - t0
         summary["vae_s"] += vae_s
         summary["pid_s"] += pid_s
         write_image(paths["vae"], signed_to_uint8(baseline[0]))
         write_image(paths["pid"], unit_to_uint8(image[0]))
-        if cfg.comparison:
+        if settings.comparison:
             write_image(paths["compare"], make_comparison((baseline[0] + 1) / 2, image[0]))
-        append_jsonl(
-            plan.out_dir / "metadata.jsonl",
-            {
-                "index": index,
-                "prompt": caption,
-                "step": item.label,
-                "sigma": sigma,
-                "ldm_seed": int(cfg.seed) + index,
-                "pid_seed": plan.pid_seed,
-                "backbone": plan.backbone,
-                "pid_ckpt_type": plan.ckpt_type,
-                "checkpoint": lookup(plan.backbone, plan.ckpt_type).hub_path,
-                "ldm_size": list(plan.ldm_size),
-                "output_size": list(plan.output_size),
-                "ldm_steps": plan.ldm_steps,
-                "pid_steps": cfg.pid_steps or (4 if decoder.distilled else 25),
-                "pid": str(paths["pid"]),
-                "vae": str(paths["vae"]),
-                "seconds": {"ldm": round(ldm_s, 4), "vae": round(vae_s, 4), "pid": round(pid_s, 4)},
-            },
-        )
+        ldm_step = None if item.label == "x0" else int(item.label.removesuffix("xt"))
+        rows.append({
+            "index": index, "prompt": caption, "step": item.label, "ldm_step": ldm_step, "sigma": item.sigma,
+            "ldm_seed": int(settings.seed) + index, "pid_seed": plan.pid_seed, "backbone": plan.backbone,
+            "pid_ckpt_type": plan.ckpt_type, "checkpoint": plan.checkpoint.get("local_file") or plan.checkpoint.get(
+                "hub_file"),
+            "ldm_model": plan.ldm_model, "ldm_size": list(plan.ldm_size), "output_size": list(plan.output_size),
+            "ldm_steps": plan.ldm_steps, "pid_steps": plan.pid_steps,
+            "pid": runs.relative(paths["pid"], plan.out_dir), "vae": runs.relative(paths["vae"], plan.out_dir),
+            "compare": runs.relative(paths["compare"], plan.out_dir) if settings.comparison else None,
+            "seconds": {"ldm": round(ldm_s, 4), "vae": round(vae_s, 4), "pid": round(pid_s, 4)},
+            "denoiser_steps": {"run": steps_run, "skipped": plan.ldm_steps - steps_run},
+        })
         summary["images"] += 1
-        logger.info("[{}] step={} sigma={:.4f} -> {}", index, item.label, sigma, paths["pid"])
+        logger.info("[{}] step={} sigma={:.4f} -> {}", index, item.label, item.sigma, paths["pid"])
+    return rows
 
 
 def _merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     total: dict[str, Any] = {"ranks": len(summaries), "prompts": 0, "skipped": 0, "images": 0, "failed": [],
-                             "ldm_s": 0.0, "pid_s": 0.0, "vae_s": 0.0}
+                             "redone": {}, "ldm_s": 0.0, "pid_s": 0.0, "vae_s": 0.0, "steps_run": 0,
+                             "steps_skipped": 0}
     for s in summaries:
-        for key in ("prompts", "skipped", "images", "ldm_s", "pid_s", "vae_s"):
+        for key in ("prompts", "skipped", "images", "ldm_s", "pid_s", "vae_s", "steps_run", "steps_skipped"):
             total[key] += s[key]
         total["failed"].extend(s["failed"])
+        for reason, count in s["redone"].items():
+            total["redone"][reason] = total["redone"].get(reason, 0) + count
     return total
 
 
 def _print_summary(plan: RunPlan, total: dict[str, Any]) -> None:
     images = max(total["images"], 1)
+    redone = ", ".join(f"{n} {why}" for why, n in sorted(total["redone"].items())) or "none"
     rows = [
         ("backbone / decoder", f"{plan.backbone} / {plan.ckpt_type} ({plan.scale}x)"),
         ("LDM size -> output", f"{plan.ldm_size[1]}x{plan.ldm_size[0]} -> {plan.output_size[1]}x{plan.output_size[0]}"),
-        ("prompts (skipped)", f"{total['prompts']} ({total['skipped']})"),
+        ("prompts (up to date)", f"{total['prompts']} ({total['skipped']})"),
+        ("redone", redone),
         ("images written", str(total["images"])),
         ("failed", str(len(total["failed"]))),
+        ("LDM steps run / skipped", f"{total['steps_run']} / {total['steps_skipped']}"),
         ("LDM time", f"{total['ldm_s']:.2f} s"),
         ("VAE decode / image", f"{total['vae_s'] / images:.3f} s"),
         ("PiD decode / image", f"{total['pid_s'] / images:.3f} s"),
@@ -455,14 +587,20 @@ def _print_summary(plan: RunPlan, total: dict[str, Any]) -> None:
         print(f"FAILED [{failure['index']}] {failure['prompt'][:60]!r}: {failure['error']}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    def _main(args: Sequence[str]) -> None:
-        try:
-            run(load_config(args))
-        finally:
-            dist.cleanup()
+def _main(command: Command) -> int:
+    plan = plan_run(command.settings)
+    if command.dry_run:
+        rank, world = rank_and_world()
+        print_plan(plan.describe(rank, world))
+        return 0
+    try:
+        return run(command.settings, plan=plan)["exit_code"]
+    finally:
+        dist.cleanup()
 
-    return run_cli(_main, argv)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(FROM_LDM, MODULE, _main, argv)
 
 
 if __name__ == "__main__":

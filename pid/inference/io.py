@@ -19,6 +19,7 @@ import math
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from loguru import logger
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pid.errors import InputError
 
@@ -131,11 +132,18 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # decodes fully: truncated files raise here, not later
-            return _to_rgb_uint8(img, path, data)
+            # Cameras store portraits sideways with an EXIF orientation tag; apply it like every viewer does.
+            upright = ImageOps.exif_transpose(img)
+            return _to_rgb_uint8(upright, path, data)
     except InputError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except UnidentifiedImageError:
+        raise InputError(f"image {path} is not in an image format Pillow can read (PNG, JPEG, WebP, ...)") from None
+    except Image.DecompressionBombError:
+        raise InputError(f"image {path} is larger than Pillow's safety limit; shrink it first") from None
+    except (OSError, SyntaxError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = re.sub(r"<[^>]*object at 0x[0-9a-f]+>", "the file", reason)
         raise InputError(f"image {path} cannot be decoded ({reason})") from None
 
 
@@ -235,6 +243,31 @@ def _read_text(path: Path, what: str) -> str:
         raise InputError(f"{what} {path} is not UTF-8 text (byte {err.start})") from None
 
 
+# Prompt sets shipped with the package, at the path the upstream README uses (pid/_src/inference/prompts/).
+PROMPT_SETS_DIR = Path(__file__).resolve().parents[1] / "_src" / "inference" / "prompts"
+
+
+def shipped_prompt_sets() -> dict[str, Path]:
+    """Short name -> file of every shipped prompt set (`creative` -> prompt_creative.txt)."""
+    return {p.stem.removeprefix("prompt_"): p for p in sorted(PROMPT_SETS_DIR.glob("prompt_*.txt"))}
+
+
+def resolve_prompt_file(value: str | os.PathLike[str]) -> Path:
+    """A prompt file path as given, else a shipped set by short name (`creative`, `zimage_turbo`) or file name;
+    also the upstream path `pid/_src/inference/prompts/<file>` from any working folder."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    sets = shipped_prompt_sets()
+    name = str(value)
+    for candidate in (name, Path(name).stem, Path(name).stem.removeprefix("prompt_")):
+        if candidate in sets and (candidate == name or Path(name).name in (sets[candidate].name, candidate)):
+            return sets[candidate]
+    names = ", ".join(sets)
+    raise InputError(f"prompt file {path} does not exist; give a text file with one prompt per line, or a shipped "
+                     f"set: {names}")
+
+
 def read_prompt_file(path: str | os.PathLike[str]) -> list[str]:
     """One prompt per line; surrounding whitespace is stripped, blank lines and lines starting with `#`
     skipped."""
@@ -248,17 +281,27 @@ def read_prompt_file(path: str | os.PathLike[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class ManifestEntry:
-    image: Path  # absolute, or resolved against the manifest's folder
+    image: Path  # absolute, or resolved against the manifest's folder (else the working folder)
     prompt: str | None
     line: int  # 1-based line number in the manifest
+    searched: tuple[Path, ...] = ()  # where a relative path was looked for (all of them, when none exists)
+
+    def missing_reason(self) -> str | None:
+        """None when the image file exists; else a sentence naming every place it was looked for."""
+        if self.image.is_file():
+            return None
+        places = self.searched or (self.image,)
+        if len(places) == 1:
+            return f"image {places[0]} does not exist"
+        return f"image {self.image.name} does not exist at {' nor at '.join(str(p) for p in places)}"
 
 
 def read_manifest(path: str | os.PathLike[str], *, check_images: bool = False) -> list[ManifestEntry]:
     """JSONL with one `{"image": path, "prompt": text}` object per line (`prompt` optional, blank lines
     skipped).
 
-    Relative image paths are resolved against the manifest's folder, so a manifest works from any working
-    directory. With `check_images`, a missing image file is reported now, before any model loads.
+    Relative image paths are resolved against the manifest's folder first, then the working folder (upstream's
+    manifests name images relative to where the command runs). With `check_images`, a missing image file is reported now, before any model loads.
     """
     path = Path(path)
     base = path.resolve().parent
@@ -280,13 +323,16 @@ def read_manifest(path: str | os.PathLike[str], *, check_images: bool = False) -
         if prompt is not None and not isinstance(prompt, str):
             raise InputError(f'manifest {path} line {number}: "prompt" must be a string')
         image_path = Path(image).expanduser()
+        searched: tuple[Path, ...] = ()
         if not image_path.is_absolute():
-            image_path = base / image_path
-        if check_images and not image_path.is_file():
-            raise InputError(f"manifest {path} line {number}: image {image_path} does not exist")
-        entries.append(
-            ManifestEntry(image=image_path, prompt=prompt.strip() if prompt else None, line=number)
-        )
+            # Our manifests name images relative to themselves; upstream's relative to the working folder.
+            searched = (base / image_path, Path.cwd() / image_path)
+            image_path = next((p for p in searched if p.is_file()), searched[0])
+        entry = ManifestEntry(image=image_path, prompt=prompt.strip() if prompt else None, line=number,
+                              searched=searched)
+        if check_images and entry.missing_reason():
+            raise InputError(f"manifest {path} line {number}: {entry.missing_reason()}")
+        entries.append(entry)
     if not entries:
         raise InputError(f"manifest {path} has no entries")
     return entries
@@ -309,6 +355,25 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def _current_umask() -> int:
+    with _UMASK_LOCK:  # reading the umask means setting it: keep other threads out meanwhile
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def read_json_file(path: str | os.PathLike[str]) -> Any:
+    """A JSON file's value; unreadable or invalid JSON is an InputError naming the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path} is not a readable JSON file ({type(err).__name__})") from None
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write `data` to `path` via a temp file in the same folder, fsync and `os.replace` (creates parent
     folders)."""
@@ -316,6 +381,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file 0600; give it the mode any other new file of the user gets (0644 under umask 022)
+        os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

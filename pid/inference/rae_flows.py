@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 from loguru import logger
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from pid.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError
+from pid.inference.cli import Settings
 
 _UPSTREAM = {
     # kind: (environment variable, default path, clone URL, fixed LDM size, default LDM steps)
@@ -75,14 +75,14 @@ SCALE_RAE_REPO_DECODER = (
 )
 
 
-def _kind(cfg: DictConfig) -> tuple:
+def _kind(cfg: Settings) -> tuple:
     kind = cfg.backbone.kind
     if kind not in _UPSTREAM:
         raise ConfigError(f"backbone kind {kind!r} is not an RAE flow")
     return _UPSTREAM[kind]
 
 
-def repo_path(cfg: DictConfig) -> Path:
+def repo_path(cfg: Settings) -> Path:
     """The upstream clone for this backbone; a one-line error saying what to clone where if absent."""
     env, default, url, *_ = _kind(cfg)
     path = Path(cfg.backbone.repo_path or os.environ.get(env) or default).expanduser()
@@ -95,19 +95,19 @@ def repo_path(cfg: DictConfig) -> Path:
     return path
 
 
-def ldm_size(cfg: DictConfig) -> tuple[int, int]:
+def ldm_size(cfg: Settings) -> tuple[int, int]:
     return _kind(cfg)[3]
 
 
-def default_ldm_steps(cfg: DictConfig) -> int:
+def default_ldm_steps(cfg: Settings) -> int:
     return _kind(cfg)[4]
 
 
-def is_class_conditional(cfg: DictConfig) -> bool:
+def is_class_conditional(cfg: Settings) -> bool:
     return cfg.backbone.kind == "rae"
 
 
-def class_prompts(cfg: DictConfig) -> list[str]:
+def class_prompts(cfg: Settings) -> list[str]:
     """ImageNet class ids to generate, as strings (the item list that from_ldm shards)."""
     ids, span = cfg.backbone.class_ids, cfg.backbone.class_range
     if (ids is None) == (span is None):
@@ -144,13 +144,13 @@ def load_class_names(path: str | Path = CLASS_NAMES_FILE) -> list[str]:
     return names
 
 
-def caption_for_item(cfg: DictConfig, item: str) -> str:
+def caption_for_item(cfg: Settings, item: str) -> str:
     """The caption PiD gets for a from_ldm item without building a source: a class name, or the prompt itself."""
     return load_class_names()[int(item)] if is_class_conditional(cfg) else item
 
 
 def make_source(
-    cfg: DictConfig, plan: Any, device: torch.device, *, space: Any = None
+    cfg: Settings, plan: Any, device: torch.device, *, space: Any = None
 ) -> RAESource | ScaleRAESource:
     """A latent source (`.space`, `.generate(index, item)`, `.caption_for(index, item)`) for the RAE flows.
 
@@ -256,7 +256,7 @@ def _cfg_interval(value: Any) -> tuple[float, float]:
     return low, high
 
 
-def _pid_file(value: Any, cfg: DictConfig, what: str) -> Path:
+def _pid_file(value: Any, cfg: Settings, what: str) -> Path:
     """A local file; a relative `checkpoints/<rel>` default is found like any PiD hub file (checkpoint_dir,
     $PID_CHECKPOINT_DIR, ./checkpoints, else downloaded), so the run need not start in the repo root."""
     from pid.checkpoints import resolve_hub_path
@@ -269,7 +269,7 @@ def _pid_file(value: Any, cfg: DictConfig, what: str) -> Path:
     raise CheckpointNotFoundError(f"{what} {path} does not exist")
 
 
-def _dit_file(cfg: DictConfig, repo: Path, key: str) -> Path:
+def _dit_file(cfg: Settings, repo: Path, key: str) -> Path:
     value = cfg.backbone.get(key)
     path = Path(str(value)).expanduser() if value else repo / DIT_FILES[key]
     if not path.is_file():
@@ -323,7 +323,7 @@ def _loadable_decoder_config(config_dir: Path) -> Iterator[Path]:
 
 
 def build_upstream_rae(
-    rae_cls: type[nn.Module], cfg: DictConfig, repo: Path, device: torch.device, dtype: torch.dtype
+    rae_cls: type[nn.Module], cfg: Settings, repo: Path, device: torch.device, dtype: torch.dtype
 ) -> nn.Module:
     """Upstream `stage1.RAE` for DINOv2-B/448 with the ViT-XL decoder and ImageNet-512 statistics."""
     b = cfg.backbone
@@ -364,7 +364,7 @@ def rae_decode_space(rae: nn.Module) -> UpstreamDecodeSpace:
 class RAESource:
     """dinov2: one ImageNet class per item, sampled as a full ODE trajectory by the upstream RAE DiTs."""
 
-    def __init__(self, cfg: DictConfig, plan: Any, device: torch.device, space: Any = None) -> None:
+    def __init__(self, cfg: Settings, plan: Any, device: torch.device, space: Any = None) -> None:
         self.cfg, self.plan, self.device = cfg, plan, device
         b = cfg.backbone
         # Everything cheap and checkable first, so a bad setting fails before minutes of loading.
@@ -457,7 +457,7 @@ def check_scale_rae_transformers() -> None:
         )
 
 
-def resolve_scale_rae_decoder(cfg: DictConfig, repo: Path) -> tuple[Path, Path]:
+def resolve_scale_rae_decoder(cfg: Settings, repo: Path) -> tuple[Path, Path]:
     """(JSON config, weights) of the Scale-RAE decoder: explicit paths, else the clone's `decoder/`, else PiD's
     local `checkpoints/scale_rae/decoder/` (the same files), else a download of nyu-visionx/siglip2_decoder."""
     from pid.checkpoints import resolve_hub_path
@@ -669,7 +669,7 @@ class XtCapture:
 class ScaleRAESource:
     """siglip: one prompt per item; the Qwen LM's diffusion head produces 16x16 SigLIP-2 tokens."""
 
-    def __init__(self, cfg: DictConfig, plan: Any, device: torch.device, space: Any = None) -> None:
+    def __init__(self, cfg: Settings, plan: Any, device: torch.device, space: Any = None) -> None:
         self.cfg, self.plan, self.device = cfg, plan, device
         b = cfg.backbone
         check_scale_rae_transformers()
