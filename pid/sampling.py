@@ -35,14 +35,12 @@ def _fp32(value: float) -> float:
 def distilled_schedule(steps: int = MAX_DISTILLED_STEPS) -> list[float]:
     """Times visited by the distilled sampler, ending at 0.
 
-    4 steps use the list as is; fewer steps index it at round(linspace(0, 4, n + 1)) (half to
-    even), e.g. 2 -> [0.999, 0.634, 0]; 1 step is a single call at t = 1.0.
+    4 steps use the list as is; other counts index it at round(linspace(0, 4, n + 1)) (half to even), e.g.
+    2 -> [0.999, 0.634, 0]; 1 step is a single call at t = 1.0. More than 4 steps follow the same upstream
+    rule, which revisits times of the 5-point list (the decoders were distilled for 4; callers warn).
     """
-    if not 1 <= steps <= MAX_DISTILLED_STEPS:
-        raise ConfigError(
-            f"distilled PiD checkpoints take 1 to {MAX_DISTILLED_STEPS} steps, got {steps}; "
-            f"use steps<={MAX_DISTILLED_STEPS} (more steps only repeat times of the fixed schedule)"
-        )
+    if steps < 1:
+        raise ConfigError(f"distilled PiD checkpoints take at least 1 step, got {steps}")
     if steps == 1:
         return [1.0, 0.0]
     index = torch.linspace(0, MAX_DISTILLED_STEPS, steps + 1, dtype=torch.float64).round().long()
@@ -69,6 +67,8 @@ def sample_distilled(
                 x.shape, generator=generator, device=_gen_device(generator, x), dtype=torch.float32
             )
             x = (1.0 - t_next) * x0 + t_next * eps.to(x.device)
+        else:
+            return x0  # schedules of more than 4 steps end in repeated zeros: t = 0 is reached once
     return x0
 
 

@@ -23,10 +23,24 @@ def test_distilled_schedules():
     assert distilled_schedule(1) == [1.0, 0.0]
 
 
-@pytest.mark.parametrize("steps", [0, 5, 50])
-def test_distilled_rejects_out_of_range_steps(steps):
-    with pytest.raises(ConfigError, match="1 to 4 steps"):
-        distilled_schedule(steps)
+def test_distilled_rejects_zero_steps():
+    with pytest.raises(ConfigError, match="at least 1 step"):
+        distilled_schedule(0)
+
+
+def test_more_than_four_distilled_steps_follow_upstreams_rule():
+    f = lambda v: float(torch.tensor(v, dtype=torch.float32))  # noqa: E731
+    # round(linspace(0, 4, 6)) = [0, 1, 2, 2, 3, 4] (half to even)
+    assert distilled_schedule(5) == [f(0.999), f(0.866), f(0.634), f(0.634), f(0.342), 0.0]
+    # ten steps end in two zeros; the sampler stops at the first, so it makes 9 network calls
+    schedule = distilled_schedule(10)
+    assert schedule[-2:] == [0.0, 0.0] and len(schedule) == 11
+    calls = []
+    noise = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = sample_distilled(lambda x, t: calls.append(t) or torch.zeros_like(x), noise, schedule,
+                           torch.Generator().manual_seed(1))
+    assert len(calls) == 9 and calls[-1] == f(0.342)
+    assert torch.isfinite(out).all()
 
 
 def test_undistilled_schedule_matches_reference_numbers():
