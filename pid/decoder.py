@@ -170,6 +170,10 @@ class PiDDecoder:
         self.compile_mode = mode
         self._compile_backend = backend
         self._compiled.clear()
+        if "positional_tables" not in vars(self.net):
+            # The positional tables are cached in Python; keep them out of the graph. Done here, not with a
+            # decorator, because the decorator imports torch._dynamo (seconds) whenever pid is imported.
+            self.net.positional_tables = torch.compiler.disable(self.net.positional_tables)
         if text_encoder and self.text_encoder is not None:
             options = {"mode": mode} if backend == "inductor" else {}
             self.text_encoder.model = torch.compile(

@@ -327,6 +327,17 @@ def _parse_mapping(text: str, what: str) -> dict[str, Any]:
     return value
 
 
+def _find_backbone(entry: EntryPoint, argv: list[str]) -> str | None:
+    """The backbone the command names (last one wins), found before the full parse."""
+    found = None
+    for i, token in enumerate(argv):
+        if token.startswith(("backbone=", "--backbone=")):
+            found = token.split("=", 1)[1]
+        elif token == "--backbone" and i + 1 < len(argv):
+            found = argv[i + 1]
+    return found
+
+
 def _compose_defaults(entry: str, backbone: str) -> dict[str, Any]:
     """The entry point's defaults with the chosen backbone group, composed by Hydra."""
     from hydra import compose as hydra_compose
@@ -342,21 +353,21 @@ def parse_command(entry: EntryPoint, argv: Sequence[str]) -> Command:
     """Parse a command line into settings; every problem is a one-line ConfigError."""
     if not (CONFIG_DIR / f"{entry.name}.yaml").is_file():
         raise ConfigError(f"the configs are not at {CONFIG_DIR}; reinstall pid (pip install .)")
-    base_options, _ = entry_options(entry)
-    kinds = {o.key: o.kind for o in base_options}
-    raw = _tokenize(list(argv), entry, kinds)
-    backbone = next((r.values[0] for r in reversed(raw) if r.key == "backbone"), None)
-    if backbone is None:
-        backbone = next(o.default for o in base_options if o.key == "backbone")
+    backbone = _find_backbone(entry, list(argv)) or _default_backbone(entry)
     known = available_backbones()
     if backbone not in known:
         raise ConfigError(f"unknown backbone {backbone!r}; choose one of: {', '.join(known)}")
+    # the backbone's own options (dinov2/siglip) decide how many values their flags take
     options = {o.key: o for o in entry_options(entry, backbone)[0]}
+    raw = _tokenize(list(argv), entry, {key: o.kind for key, o in options.items()})
     values = _compose_defaults(entry.name, backbone)
     values["backbone"]["name"] = backbone
     given: dict[str, str] = {}
     dry_run = False
+    upstream_ldm = values["backbone"].get("kind", "diffusers") != "diffusers"
     for item in raw:
+        if upstream_ldm and item.spelled == "--resolution" and "ldm_resolution" in options:
+            item.key = "ldm_resolution"  # upstream's --resolution for dinov2/siglip is the LDM's size
         if item.key == "backbone":
             given["backbone"] = item.spelled
             continue

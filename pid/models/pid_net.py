@@ -165,7 +165,6 @@ class PiDNet(nn.Module):
     # Positional tables (cached per grid size and device; not part of the state dict)
     # ------------------------------------------------------------------------------------------
 
-    @torch.compiler.disable
     def positional_tables(
         self,
         height: int,
