@@ -285,8 +285,12 @@ class PiDPipeline:
         self._chain_callback(kwargs, capture)
         counter = _CallCounter(_denoiser(self.pipe))
         start = time.perf_counter()
-        with counter:
-            out = self.pipe(**kwargs, output_type="latent", return_dict=True)
+        try:
+            with counter:
+                out = self.pipe(**kwargs, output_type="latent", return_dict=True)
+        finally:
+            if capture.interrupted:
+                self.pipe._interrupt = False  # leave the pipeline as found (it also resets it on its next call)
         ldm_seconds = time.perf_counter() - start
         if output_type == "latent":  # the pipeline's own latents, untouched (x_K with pid_stop_at)
             self.last_report = []

@@ -90,6 +90,7 @@ def test_every_backbone_equals_from_ldm_and_skips_the_remaining_steps(backbone, 
     assert isinstance(image, Image.Image) and image.size == (OUT, OUT)
     assert np.array_equal(np.asarray(image), pngs["02xt"])  # bit for bit with from_ldm's 02xt PNG
     assert steps_seen == [0, 1]  # the user's callback ran on every step that ran, and only those
+    assert pid_pipe.pipe.interrupt is False  # the flag is not left set
     [report] = out.pid_report
     assert (report.step, report.ldm_step, report.ldm_steps) == ("02xt", 2, 3)
     assert (report.denoiser_steps_run, report.denoiser_steps_skipped) == (2, 1)
@@ -258,3 +259,13 @@ def test_unsupported_pipeline_and_mismatches_are_one_line_errors():
         pid_pipe(PROMPT, **ldm_kwargs("sd3", height=63))
     with pytest.raises(InputError, match="pid_seed has 3 entries for 1 images"):
         pid_pipe(PROMPT, pid_seed=[1, 2, 3], **ldm_kwargs("sd3"))
+
+
+def test_a_diffusers_pipeline_callback_is_chained_with_its_tensor_inputs():
+    from diffusers.callbacks import SDXLCFGCutoffCallback
+
+    pid_pipe = attached("sdxl")
+    cutoff = SDXLCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1)  # needs prompt_embeds, add_text_embeds, add_time_ids
+    out = pid_pipe(PROMPT, pid_stop_at=2, callback_on_step_end=cutoff, output_type="pt", **ldm_kwargs("sdxl"))
+    assert pid_pipe.pipe.guidance_scale == 0.0  # the callback ran and switched CFG off after step 1
+    assert out.pid_report[0].denoiser_steps_run == 2 and out.images.shape == (1, 3, OUT, OUT)
