@@ -301,19 +301,7 @@ class PiDPipeline:
         latents = out.images
         batch = latents.shape[0]
         captions = self._captions(prompt, kwargs, options, batch)
-        if capture.stops_early and capture.interrupted:
-            [item] = capture.results(None, self.pipe.scheduler)
-        else:
-            # No stop, or the user's callback interrupted the run first: the pipeline's last latent, at the sigma
-            # of the steps that ran.
-            from pid.inference.io import step_label
-            from pid.inference.step_capture import CapturedLatent
-
-            done = capture.steps_run
-            sigma = float(self.pipe.scheduler.sigmas[min(done, len(self.pipe.scheduler.sigmas) - 1)])
-            label = step_label(None if done == steps else done)
-            item = CapturedLatent(label=label, step=None if done == steps else done, latent=latents, sigma=sigma)
-
+        item = self._decode_target(capture, latents)
         size = self._output_size(options, height, width)
         generators = _per_image(options.generator, batch, "pid_generator")
         seeds = _per_image(options.seed, batch, "pid_seed")
@@ -353,6 +341,21 @@ class PiDPipeline:
         return result if return_dict else (result.images,)
 
     # --------------------------------------------------------------------------------------------
+
+    def _decode_target(self, capture: Any, final_latents: Tensor) -> Any:
+        """The latent to decode: the capture of the stop step, or else (no stop, or the user's callback
+        interrupted first) the pipeline's last latent, at the sigma of the steps that ran."""
+        from pid.inference.io import step_label
+        from pid.inference.step_capture import CapturedLatent
+
+        if capture.stops_early and capture.interrupted:
+            [item] = capture.results(None, self.pipe.scheduler)
+            return item
+        sigmas = self.pipe.scheduler.sigmas
+        done = capture.steps_run
+        step = None if done == capture.num_inference_steps else done
+        sigma = float(sigmas[min(done, len(sigmas) - 1)])
+        return CapturedLatent(label=step_label(step), step=step, latent=final_latents, sigma=sigma)
 
     def _fill_defaults(self, kwargs: dict[str, Any]) -> None:
         """from_ldm's LDM defaults where the call is silent; height/width made explicit (the latent needs them)."""
