@@ -5,6 +5,9 @@ Public API (everything else may change)::
     from pid import PiDDecoder
     decoder = PiDDecoder.from_pretrained("flux", ckpt_type="2k")
     images = decoder.decode(lq_latent, caption="a photo of a cat")   # [B, 3, H, W] in [0, 1]
+
+    pid_pipe = pid.attach(diffusers_pipeline)                         # PiD as the pipeline's decoder
+    out = pid_pipe("a red fox in snow", pid_stop_at=7)                # out.images: PiD's images
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ __version__ = "0.1.0"
 # Lazy re-exports keep `import pid` cheap (no torch/diffusers import until needed).
 _EXPORTS = {
     "PiDDecoder": "pid.decoder",
+    "attach": "pid.pipeline_wrapper",
     "CheckpointRecord": "pid.checkpoints",
     "lookup": "pid.checkpoints",
     "load_pid_state_dict": "pid.checkpoints",
