@@ -8,7 +8,6 @@ import functools
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 import pid
@@ -56,13 +55,12 @@ def from_ldm_pngs(backbone: str, tmp_path) -> dict[str, np.ndarray]:
     """from_ldm's PiD PNGs ("02xt", "x0") for PROMPT, seed 0, with the same pipeline and decoder objects."""
     overrides = tiny_call_overrides(backbone)
     guidance = overrides.pop("guidance_scale", None)
-    args = [f"backbone={backbone}", f"prompt='{PROMPT}'", f"resolution={OUT}", "ldm_steps=3", "save_xt_steps=[2]",
+    args = [f"backbone={backbone}", f"prompt={PROMPT}", f"resolution={OUT}", "ldm_steps=3", "save_xt_steps=[2]",
             "pid_steps=2", f"output_dir={tmp_path}", "device=cpu", "comparison=false"]
     if guidance is not None:
         args.append(f"guidance_scale={guidance}")
     cfg = from_ldm.load_config(args)
-    OmegaConf.set_struct(cfg, False)
-    cfg.ldm_kwargs = OmegaConf.create({k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()})
+    cfg.ldm_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
     summary = from_ldm.run(cfg, pipe=make_tiny_pipeline(backbone), decoder=tiny_decoder(backbone))
     assert summary["failed"] == []
     found = {}

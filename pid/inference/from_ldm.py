@@ -151,7 +151,8 @@ class RunPlan:
 
     @property
     def labels(self) -> list[str]:
-        return [step_label(k) for k in self.capture_steps] + ([] if self.ldm_stop_at else [step_label(None)])
+        stops_early = self.ldm_stop_at is not None and self.ldm_stop_at < self.ldm_steps
+        return [step_label(k) for k in self.capture_steps] + ([] if stops_early else [step_label(None)])
 
     def describe(self, rank: int, world_size: int) -> dict[str, Any]:
         """The dry run's JSON object."""
@@ -347,11 +348,10 @@ class DiffusersSource:
 
     def generate(self, index: int, prompt: str) -> list[Capture]:
         from pid.inference.pipelines import call_kwargs
-        from pid.inference.step_capture import StepCapture
+        from pid.inference.step_capture import StepCapture, to_decoder_frame
 
         settings, plan = self.settings, self.plan
-        capture_kwargs = {"stop_at": plan.ldm_stop_at} if plan.ldm_stop_at else {}
-        capture = StepCapture(plan.capture_steps, plan.ldm_steps, **capture_kwargs)
+        capture = StepCapture(plan.capture_steps, plan.ldm_steps, stop_at=plan.ldm_stop_at)
         gen_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         generator = torch.Generator(gen_device).manual_seed(int(settings.seed) + index)
         kwargs = call_kwargs(
@@ -360,15 +360,11 @@ class DiffusersSource:
             capture=capture, overrides=dict(settings.ldm_kwargs or {}),
         )
         final = self.pipe(**kwargs).images
-        self.last_steps_run = int(getattr(capture, "steps_run", plan.ldm_steps))
-        items = capture.results(final, self.pipe.scheduler)
-        if plan.ldm_stop_at:
-            items = [item for item in items if item.step is not None]  # x0 was never computed
+        self.last_steps_run = capture.steps_run
         out = []
-        for item in items:
-            latent = self.space.from_pipeline_latent(item.latent, *plan.ldm_size)
-            latent, sigma = self.space.to_training_frame(latent.float(), item.sigma)  # SDXL: Euler -> VP frame
-            out.append(Capture(item.label, latent, float(sigma)))
+        for item in capture.results(final, self.pipe.scheduler):  # with stop_at: no x0, it was never computed
+            latent, sigma = to_decoder_frame(self.space, item, *plan.ldm_size)  # e.g. SDXL: Euler -> VP frame
+            out.append(Capture(item.label, latent, sigma))
         return out
 
 
