@@ -111,6 +111,8 @@ _SPECS: dict[str, PipelineSpec] = {
             extra_call_kwargs=_MAX_SEQ,
             recommended_capture_steps=(3,),
             recommended_latent="x0",
+
+            gated=True,  # FLUX Non-Commercial licence, gated like FLUX.1-dev (klein-4B is Apache-2.0, open)
         ),
         _spec(
             "sd3",
