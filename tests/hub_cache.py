@@ -208,10 +208,18 @@ def hub_env(cache: Path, home: Path) -> dict[str, str]:
     return env
 
 
+_SESSION_ENV: dict[str, str] = {}
+
+
 @pytest.fixture(scope="session")
 def hub_cache_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Env dict (HF_HUB_CACHE=<tiny hub cache>, HF_HUB_OFFLINE=1, ...) for subprocesses; built once per session."""
-    root = tmp_path_factory.mktemp("hub")
-    cache = build_hub_cache(root / "cache")
-    (root / "home").mkdir()
-    return hub_env(cache, root / "home")
+    """Env dict (HF_HUB_CACHE=<tiny hub cache>, HF_HUB_OFFLINE=1, ...) for subprocesses.
+
+    Built once per test session (~5 s plus imports), however many modules use the fixture.
+    """
+    if not _SESSION_ENV:
+        root = tmp_path_factory.mktemp("hub")
+        cache = build_hub_cache(root / "cache")
+        (root / "home").mkdir()
+        _SESSION_ENV.update(hub_env(cache, root / "home"))
+    return dict(_SESSION_ENV)
