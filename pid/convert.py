@@ -1,59 +1,146 @@
-"""Rewrite a released PiD `.pth` checkpoint as `.safetensors` (same tensor names, same dtype).
+"""Rewrite a PiD checkpoint as `.safetensors` (or `.pth`), carrying its network config.
 
     python -m pid.convert checkpoints/PiD_res2k_sr4x_official_flux_distill_4step/model_ema_bf16.pth
+    python -m pid.convert my_finetune.pth --net-config my_net.json      # a decoder of another size
 
-writes `model_ema_bf16.safetensors` beside it, which later loads memory-mapped and pickle-free
-(`pid.checkpoints.resolve_checkpoint` prefers it). The input is read weights-only.
+writes `model_ema_bf16.safetensors` beside the input, which later loads memory-mapped and
+pickle-free (`pid.checkpoints.resolve_checkpoint` prefers it). Same tensor names, same dtype. The
+network config goes with the weights (safetensors metadata / a `.pth` top-level entry under
+`pid.net_config`): a released config name, or the PiDNetConfig fields when the network is not one
+of the released ones. Loaders build the network from it, so fine-tuned decoders of another size
+load like released ones. The input is read weights-only.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
+import torch
 from loguru import logger
 
-from pid.checkpoints import detect_net_config, read_checkpoint_file, strip_network_prefix
-from pid.errors import PiDError
+from pid.checkpoints import (
+    NET_CONFIG_KEY,
+    check_state_dict,
+    detect_net_config,
+    read_checkpoint,
+    strip_network_prefix,
+)
+from pid.errors import CheckpointMismatchError, ConfigError, PiDError
+from pid.models.configs import (
+    PiDNetConfig,
+    get_net_config,
+    net_config_from_value,
+    net_config_to_dict,
+    released_name,
+)
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
-    """Convert `src` (.pth) to `dst` (default: same name, .safetensors); returns the output path."""
+def parse_net_config_arg(value: str) -> PiDNetConfig:
+    """`--net-config`: a released config name, a JSON file of PiDNetConfig fields, or inline JSON."""
+    text = value.strip()
+    path = Path(text).expanduser()
+    if not text.startswith("{") and path.suffix == ".json":
+        if not path.is_file():
+            raise ConfigError(f"--net-config file {path} does not exist")
+        text = path.read_text()
+    try:
+        return net_config_from_value(text)
+    except ValueError as exc:
+        raise ConfigError(f"--net-config: {exc}") from None
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    net_config: PiDNetConfig | str | None = None,
+) -> Path:
+    """Convert `src` (.pth or .safetensors) to `dst` (default: same name, .safetensors; a `.pth` dst
+    writes a weights-only-loadable `.pth`). Returns the output path.
+
+    net_config: the network the weights belong to (a PiDNetConfig, a released name or JSON); default:
+    the config `src` already carries, else the released config detected from the tensor shapes.
+    The weights are checked against it; a file matching no released network needs one.
+    """
     from safetensors.torch import save_file
 
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_suffix(".safetensors")
+    if dst.suffix not in (".safetensors", ".pth"):
+        raise ConfigError(f"output {dst} must end in .safetensors or .pth")
     if dst.exists() and not overwrite:
         raise PiDError(f"{dst} already exists; pass --overwrite to replace it")
-    tensors = read_checkpoint_file(src)
-    detected = detect_net_config(strip_network_prefix(tensors))
-    metadata = {"format": "pt", "source": src.name, "net_config": detected or "unknown"}
-    # safetensors needs contiguous, unshared storage; write to a temp file, then rename (atomic).
-    payload = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    tensors, embedded = read_checkpoint(src)
+    bare = strip_network_prefix(tensors)
+    if net_config is not None:
+        cfg = net_config if isinstance(net_config, PiDNetConfig) else parse_net_config_arg(net_config)
+    elif embedded is not None:
+        cfg = embedded
+    else:
+        detected = detect_net_config(bare)
+        if detected is None:
+            raise CheckpointMismatchError(
+                f"{src} matches no released PiD network; say which it is with --net-config "
+                "<released name or JSON file of PiDNetConfig fields>"
+            )
+        cfg = get_net_config(detected)
+    _check_fits(bare, cfg, src)
+    name = released_name(cfg)
+    config_value: str | dict = name if name is not None else net_config_to_dict(cfg)
+
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
     os.close(fd)
     try:
-        save_file(payload, tmp, metadata=metadata)
+        # safetensors needs contiguous, unshared storage; write to a temp file, then rename (atomic).
+        payload = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+        if dst.suffix == ".safetensors":
+            metadata = {
+                "format": "pt",
+                "source": src.name,
+                NET_CONFIG_KEY: config_value if isinstance(config_value, str) else json.dumps(config_value),
+            }
+            save_file(payload, tmp, metadata=metadata)
+        else:
+            # A plain dict of str/int/float/bool next to the tensors: torch.load(weights_only=True) reads it.
+            torch.save({"state_dict": payload, NET_CONFIG_KEY: config_value}, tmp)
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    logger.info("wrote {} ({} tensors, network: {})", dst, len(payload), metadata["net_config"])
+    logger.info("wrote {} ({} tensors, network: {})", dst, len(payload), name or "custom config")
     return dst
+
+
+def _check_fits(state: dict, cfg: PiDNetConfig, src: Path) -> None:
+    from pid.models import build_pid_net
+
+    skeleton = build_pid_net(cfg, device="meta")
+    try:
+        check_state_dict(state, {k: v.shape for k, v in skeleton.state_dict().items()}, cfg.name)
+    except CheckpointMismatchError as exc:
+        raise CheckpointMismatchError(f"{src}: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pid.convert", description=__doc__.split("\n")[0])
-    parser.add_argument("src", help="released .pth checkpoint")
-    parser.add_argument("dst", nargs="?", help="output .safetensors (default: beside the input)")
+    parser.add_argument("src", help="PiD checkpoint (.pth or .safetensors)")
+    parser.add_argument("dst", nargs="?", help="output .safetensors or .pth (default: .safetensors beside the input)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument(
+        "--net-config",
+        metavar="NAME_OR_JSON_FILE",
+        help="network of the weights: a released config name (e.g. v1_latent16ch) or a JSON file of "
+        "PiDNetConfig fields (may hold \"base\": <released name>); default: the detected released one",
+    )
     args = parser.parse_args(argv)
     try:
-        convert(args.src, args.dst, args.overwrite)
+        convert(args.src, args.dst, args.overwrite, args.net_config)
     except PiDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -294,21 +294,48 @@ def track_peak_memory(device: torch.device | str) -> Iterator[PeakMemory]:
         result.peak_bytes = torch.cuda.max_memory_allocated(device) - start
         result.method = "torch.cuda.max_memory_allocated"
         return
-    try:
-        from torch.profiler import ProfilerActivity, profile
-
-        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    except Exception:  # pragma: no cover - profiler unavailable in this build
-        prof = None
-    if prof is None:  # pragma: no cover
+    prof = _memory_profiler() if _profiler_memory_events_supported() else None
+    if prof is None:
         with _rss_peak(result):
             yield result
         return
     with prof:
         yield result
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events = _profiler_memory_events(prof)
+    if events is None:  # pragma: no cover - the probe passed, so only a torch bug lands here
+        result.peak_bytes, result.method = 0, "unavailable (torch profiler memory events not readable)"
+        return
     result.peak_bytes = _peak_of(sorted(events, key=lambda e: e.start_ns()), lambda e: e.nbytes())
     result.method = "torch.profiler CPU allocator events"
+
+
+def _memory_profiler():
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        return profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    except (ImportError, RuntimeError, AttributeError):  # pragma: no cover - profiler missing in this build
+        return None
+
+
+def _profiler_memory_events(prof) -> list | None:
+    """The allocator's "[memory]" events of a finished profile, or None where this torch does not expose
+    them: `profiler.kineto_results` is private API and may change between releases."""
+    try:
+        return [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+
+
+@lru_cache(maxsize=1)
+def _profiler_memory_events_supported() -> bool:
+    """Probe once per process whether the profiler's memory events can be read (else RSS is used)."""
+    prof = _memory_profiler()
+    if prof is None:
+        return False
+    with prof:
+        torch.empty(1024)
+    return _profiler_memory_events(prof) is not None
 
 
 def _peak_of(events: list, nbytes: Callable) -> int:
@@ -320,10 +347,15 @@ def _peak_of(events: list, nbytes: Callable) -> int:
 
 
 @contextmanager
-def _rss_peak(result: PeakMemory) -> Iterator[None]:  # pragma: no cover - fallback only
+def _rss_peak(result: PeakMemory) -> Iterator[None]:
     import threading
 
-    import psutil
+    try:
+        import psutil
+    except ImportError:
+        yield
+        result.peak_bytes, result.method = 0, "unavailable (no profiler memory events and no psutil)"
+        return
 
     proc = psutil.Process()
     start = proc.memory_info().rss

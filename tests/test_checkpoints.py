@@ -1,5 +1,6 @@
 """Registry, file resolution, safe loading, config detection and conversion."""
 
+import json
 import os
 import pickle
 
@@ -203,11 +204,14 @@ def test_convert_cli_writes_safetensors_with_same_names(tmp_path):
     _, state = _tiny_state()
     src = tmp_path / "model_ema_bf16.pth"
     torch.save(state, src)
-    assert main([str(src)]) == 0
+    from dataclasses import asdict
+
+    inline = json.dumps({k: v for k, v in asdict(tiny_config()).items() if v is not None})
+    assert main([str(src), "--net-config", inline]) == 0
     out = read_checkpoint_file(tmp_path / "model_ema_bf16.safetensors")
     assert set(out) == set(state)
     assert all(torch.equal(out[k], state[k]) for k in state)
-    assert main([str(src)]) == 2  # refuses to overwrite silently
+    assert main([str(src), "--net-config", inline]) == 2  # refuses to overwrite silently
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -399,3 +403,91 @@ def test_describe_checkpoint_never_downloads(tmp_path, monkeypatch):
     assert describe_checkpoint(record, checkpoint=explicit)["local_file"] is None
     explicit.write_bytes(b"x")
     assert describe_checkpoint(record, checkpoint=explicit)["local_file"] == str(explicit)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints that carry their own network config
+# ----------------------------------------------------------------------------------------------
+
+
+def _tiny_pth(tmp_path, base="v1_latent16ch"):
+    from tiny import tiny_net
+
+    net = tiny_net(base)
+    path = tmp_path / "finetune.pth"
+    torch.save({f"net.{k}": v.to(torch.bfloat16) for k, v in net.state_dict().items()}, path)
+    return net, path
+
+
+def test_convert_embeds_a_custom_config_and_the_decoder_builds_it(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from pid.checkpoints import NET_CONFIG_KEY, load_network_weights, read_checkpoint
+    from pid.convert import main
+    from pid.decoder import PiDDecoder
+
+    from tiny import tiny_caption_encoder
+
+    net, src = _tiny_pth(tmp_path)
+    assert main([str(src)]) == 2  # a custom-size network must be named
+    spec = tmp_path / "net.json"
+    spec.write_text(json.dumps({"base": "v1_latent16ch", **{k: getattr(net.cfg, k) for k in (
+        "hidden_size", "num_heads", "patch_depth", "pixel_hidden_size", "pixel_attn_hidden_size",
+        "pixel_num_heads", "text_dim", "adapter_width")}}))  # fmt: skip
+    assert main([str(src), "--net-config", str(spec)]) == 0
+    out = tmp_path / "finetune.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as handle:
+        assert json.loads(handle.metadata()[NET_CONFIG_KEY])["hidden_size"] == 64
+    _, embedded = read_checkpoint(out)
+    assert asdict(embedded) == asdict(net.cfg) | {"name": embedded.name}
+
+    cfg, state = load_network_weights(out, lookup("zimage-turbo", "2k"))
+    assert cfg.hidden_size == 64 and set(state) == set(net.state_dict())
+    decoder = PiDDecoder.from_pretrained(
+        "zimage-turbo", "2k", device="cpu", checkpoint=out, text_encoder=tiny_caption_encoder()
+    )
+    assert decoder.net.cfg.hidden_size == 64
+    image = decoder.decode(torch.randn(1, 16, 2, 2), caption="a cat", steps=1)
+    assert image.shape == (1, 3, 64, 64)
+
+    # .pth output: a weights_only-loadable top-level entry
+    assert main([str(out), str(tmp_path / "again.pth")]) == 0
+    raw = torch.load(tmp_path / "again.pth", weights_only=True)
+    assert isinstance(raw[NET_CONFIG_KEY], dict) and raw[NET_CONFIG_KEY]["hidden_size"] == 64
+    cfg2, _ = load_network_weights(tmp_path / "again.pth", lookup("flux", "2k"))
+    assert cfg2 == cfg
+
+
+def test_embedded_config_must_fit_the_backbone(tmp_path):
+    from pid.checkpoints import load_network_weights
+    from pid.convert import convert
+
+    from tiny import tiny_config
+
+    _, src = _tiny_pth(tmp_path)
+    out = convert(src, net_config=tiny_config())
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_network_weights(out, lookup("flux2", "2k"))
+    msg = str(err.value)
+    assert "\n" not in msg and "16-channel" in msg and "128 channels" in msg and "flux2" in msg
+    with pytest.raises(CheckpointMismatchError, match="fit"):
+        convert(src, tmp_path / "x.safetensors", net_config=tiny_config(hidden_size=128, num_heads=4))
+
+
+def test_unusable_embedded_config_is_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    from pid.checkpoints import NET_CONFIG_KEY, read_checkpoint
+
+    path = tmp_path / "bad.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={NET_CONFIG_KEY: '{"hidden_sise": 3}'})
+    with pytest.raises(CheckpointMismatchError, match="unknown network config fields: hidden_sise"):
+        read_checkpoint(path)
+    save_file({"x": torch.zeros(1)}, str(path), metadata={NET_CONFIG_KEY: "v9_latent"})
+    with pytest.raises(CheckpointMismatchError, match="unknown network config 'v9_latent'"):
+        read_checkpoint(path)
+    save_file({"x": torch.zeros(1)}, str(path), metadata={NET_CONFIG_KEY: "v1_sdxl_latent4ch"})
+    assert read_checkpoint(path)[1].latent_channels == 4

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -110,6 +111,8 @@ _SPECS: dict[str, PipelineSpec] = {
             extra_call_kwargs=_MAX_SEQ,
             recommended_capture_steps=(3,),
             recommended_latent="x0",
+
+            gated=True,  # FLUX Non-Commercial licence, gated like FLUX.1-dev (klein-4B is Apache-2.0, open)
         ),
         _spec(
             "sd3",
@@ -215,15 +218,6 @@ def check_optional_deps(spec: PipelineSpec) -> None:
         )
 
 
-def hf_token_from_env() -> str | None:
-    """HF_TOKEN, else HUGGING_FACE_HUB_TOKEN, else None (blank values count as unset)."""
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        value = os.environ.get(var, "").strip()
-        if value:
-            return value
-    return None
-
-
 def import_pipeline_class(spec: PipelineSpec) -> type:
     """Import the diffusers pipeline class named by the spec."""
     module_name, _, class_name = spec.pipeline_class.rpartition(".")
@@ -240,6 +234,49 @@ def import_pipeline_class(spec: PipelineSpec) -> type:
 def _looks_like_local_path(model_id: str) -> bool:
     # Hub ids are "owner/name"; anything with a path prefix or more segments is meant as a folder.
     return model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1 or "\\" in model_id
+
+
+def pipeline_class_name(spec: PipelineSpec) -> str:
+    """The bare class name of the backbone's pipeline ("FluxPipeline")."""
+    return spec.pipeline_class.rpartition(".")[2]
+
+
+def check_model_folder(backbone: str, model_id: str | os.PathLike[str] | None) -> None:
+    """Fail before loading anything when `model_id` is a local folder that is not this backbone's pipeline.
+
+    Hub ids (and None) pass: they are checked when downloaded. A folder must hold a diffusers
+    `model_index.json` whose `_class_name` is the backbone's pipeline class; otherwise a one-line
+    ConfigError says which class it is and which backbone(s) it fits. A path that looks local but does
+    not exist is a CheckpointNotFoundError. Reads one small JSON file; loads no model.
+    """
+    spec = get_pipeline_spec(backbone)
+    if model_id is None:
+        return
+    source = str(model_id)
+    folder = Path(source).expanduser()
+    if not (_looks_like_local_path(source) or folder.is_dir()):
+        return  # a hub id
+    if not folder.is_dir():
+        raise CheckpointNotFoundError(f"pipeline folder {folder} does not exist (model_id / --backbone_model_id)")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ConfigError(
+            f"{folder} is not a diffusers pipeline folder (no model_index.json); give the folder "
+            f"save_pretrained / `hf download {spec.default_model_id} --local-dir <folder>` made"
+        )
+    try:
+        found = json.loads(index.read_text()).get("_class_name")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise ConfigError(f"{index} is not a readable model_index.json ({exc})") from None
+    expected = pipeline_class_name(spec)
+    if found == expected:
+        return
+    fits = [name for name, other in _SPECS.items() if pipeline_class_name(other) == found]
+    hint = f"it fits backbone {' / '.join(fits)}" if fits else "no PiD backbone uses that class"
+    raise ConfigError(
+        f"{folder} holds a {found or 'pipeline without _class_name'}, but backbone {backbone} needs a "
+        f"{expected}; {hint}"
+    )
 
 
 def _dtype_kwarg() -> str:
@@ -259,45 +296,65 @@ def load_pipeline(
     cpu_offload: bool = False,
     token: str | None = None,
     local_files_only: bool | None = None,
+    revision: str | None = None,
 ) -> Any:
     """Load the backbone's pipeline with diffusers `from_pretrained` and place it on `device`.
 
-    `model_id` is a hub id or a local folder (default: the registry's id). `device` defaults to this rank's
-    device (`pid.inference.distributed.rank_device()`). With `cpu_offload`, the pipeline stays on the CPU and
-    diffusers moves each model to `device` while it runs. `token` defaults to HF_TOKEN /
-    HUGGING_FACE_HUB_TOKEN.
+    `model_id` is a hub id or a local folder (default: the registry's id; a folder is checked with
+    `check_model_folder` first). `device` defaults to this rank's device
+    (`pid.inference.distributed.rank_device()`). With `cpu_offload`, the pipeline stays on the CPU and
+    diffusers moves each model to `device` while it runs. `token`: default `huggingface_hub.get_token()`
+    (`HF_TOKEN`, then `hf auth login`). `revision`: branch, tag or commit of the hub repo.
+    Hub failures (gated repo, missing repo or file, offline and not cached) are one-line
+    `pid.hub.HubAccessError`s.
     """
+    from pid.hub import HUB_URL, catchable_errors, download_command, hub_token, translate_hub_error
+
     check_optional_deps(spec)
-    pipeline_cls = import_pipeline_class(spec)
     source = str(model_id) if model_id is not None else spec.default_model_id
-    if _looks_like_local_path(source):
+    local = _looks_like_local_path(source) or Path(source).expanduser().is_dir()
+    if local:
         source = str(Path(source).expanduser())
-        if not Path(source).is_dir():
-            raise CheckpointNotFoundError(f"pipeline folder {source} does not exist (--backbone_model_id)")
+        check_model_folder(spec.name, source)
+    pipeline_cls = import_pipeline_class(spec)
     if device is None:
         from pid.inference.distributed import rank_device
 
         device = rank_device()
     device = torch.device(device)
-    token = token if token is not None else hf_token_from_env()
 
+    token = token if token is not None else hub_token()  # HF_TOKEN, then `hf auth login`
     kwargs: dict[str, Any] = {_dtype_kwarg(): dtype}
     if token is not None:
         kwargs["token"] = token
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
-    logger.info(f"loading {spec.name} pipeline ({pipeline_cls.__name__}) from {source} as {dtype}")
+    if revision is not None:
+        kwargs["revision"] = revision
+    at = f" (revision {revision})" if revision else ""
+    logger.info(f"loading {spec.name} pipeline ({pipeline_cls.__name__}) from {source}{at} as {dtype}")
     try:
         pipe = pipeline_cls.from_pretrained(source, **kwargs)
-    except OSError as err:
-        hint = ""
-        if spec.gated and token is None:
-            hint = "; the repo is gated: accept its licence on the model page and set HF_TOKEN"
-        elif os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
-            hint = "; HF_HUB_OFFLINE is set and it is not in the local cache"
+    except catchable_errors() as err:
+        translated = None if local else translate_hub_error(
+            err, source, revision=revision, command=download_command(source, revision=revision),
+            what=f"the {spec.name} pipeline {source}",
+        )
+        if translated is not None:
+            raise translated from err
+        if not isinstance(err, OSError):
+            raise
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = ""
+        if not local and spec.gated and token is None:
+            hint = (
+                f"; the repo is gated: accept its licence at {HUB_URL}/{source} and log in with "
+                "`hf auth login` (or set HF_TOKEN)"
+            )
+        elif not local:
+            hint = f"; download it with: {download_command(source, revision=revision)}"
         raise CheckpointNotFoundError(
-            f"could not load the {spec.name} pipeline from {source}: {first_line}{hint}"
+            f"could not load the {spec.name} pipeline from {source}{at}: {first_line}{hint}"
         ) from err
 
     if cpu_offload and device.type != "cpu":

@@ -210,8 +210,10 @@ class LatentSpace(ABC):
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         checkpoint_dir: str | None = None,
+        revision: str | None = None,
     ) -> LatentSpace:
-        """Load the autoencoder weights the nvidia/PiD hub repo ships; returns self."""
+        """Load the autoencoder weights the nvidia/PiD hub repo ships (local copy, HF cache or a download
+        at `revision`, default main); returns self."""
 
     def attach(self, vae: Any) -> LatentSpace:
         """Use an already loaded autoencoder (no second copy); returns self."""

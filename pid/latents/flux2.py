@@ -78,12 +78,13 @@ class Flux2LatentSpace(LatentSpace):
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         checkpoint_dir: str | None = None,
+        revision: str | None = None,
     ) -> Flux2LatentSpace:
         from diffusers import AutoencoderKLFlux2
 
         from pid.checkpoints import resolve_hub_path
 
-        path = resolve_hub_path(self.hub_file, checkpoint_dir)
+        path = resolve_hub_path(self.hub_file, checkpoint_dir, revision=revision)
         vae = load_autoencoder_kl(read_weights(path), self.vae_config, str(path), cls=AutoencoderKLFlux2)
         dev = default_device(device)
         # BatchNorm statistics stay fp32 whatever the compute dtype (they are tiny and precision-critical).

@@ -254,9 +254,18 @@ def _strip(key: str) -> str:
 
 def hf_pretrained(cls: Any, repo_or_path: str, **kwargs: Any) -> Any:
     """`cls.from_pretrained`, turning "not available offline" into the download command."""
+    from pid.hub import catchable_errors, download_command, translate_hub_error
+
     try:
         return cls.from_pretrained(repo_or_path, **kwargs)
-    except OSError as exc:
+    except catchable_errors() as exc:
+        if not Path(repo_or_path).expanduser().exists():  # a hub id: gated / missing / offline, one line each
+            command = download_command(repo_or_path, revision=kwargs.get("revision"))
+            translated = translate_hub_error(exc, repo_or_path, revision=kwargs.get("revision"), command=command)
+            if translated is not None:
+                raise translated from None
+        if not isinstance(exc, OSError):
+            raise
         raise CheckpointNotFoundError(
             f"{repo_or_path} is not available locally ({str(exc).splitlines()[0][:120]}); "
             f"download it with: hf download {repo_or_path}"
@@ -386,6 +395,7 @@ class DinoV2LatentSpace(TokenLatentSpace):
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         checkpoint_dir: str | None = None,
+        revision: str | None = None,
         *,
         with_encoder: bool = True,
         encoder_path: str = DINOV2_REPO,
@@ -393,8 +403,8 @@ class DinoV2LatentSpace(TokenLatentSpace):
         """Decoder + statistics from the hub repo; DINOv2 from `encoder_path` unless `with_encoder=False`."""
         from pid.checkpoints import read_checkpoint_file, resolve_hub_path
 
-        decoder_path = resolve_hub_path(self.decoder_file, checkpoint_dir)
-        mean, var = read_stats(resolve_hub_path(self.stats_file, checkpoint_dir))
+        decoder_path = resolve_hub_path(self.decoder_file, checkpoint_dir, revision=revision)
+        mean, var = read_stats(resolve_hub_path(self.stats_file, checkpoint_dir, revision=revision))
         decoder = load_vit_decoder(read_checkpoint_file(decoder_path), self.decoder_config, str(decoder_path))
         encoder = load_dinov2_encoder(encoder_path) if with_encoder else None
         dev = default_device(device)

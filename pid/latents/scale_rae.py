@@ -145,6 +145,7 @@ class SigLIPLatentSpace(TokenLatentSpace):
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         checkpoint_dir: str | None = None,
+        revision: str | None = None,
         *,
         with_encoder: bool = True,
         encoder_path: str = SIGLIP_REPO,
@@ -152,8 +153,8 @@ class SigLIPLatentSpace(TokenLatentSpace):
         """Decoder from the hub repo; SigLIP-2 from `encoder_path` unless `with_encoder=False`."""
         from pid.checkpoints import read_checkpoint_file, resolve_hub_path
 
-        config_path = resolve_hub_path(self.decoder_config_file, checkpoint_dir)
-        decoder_path = resolve_hub_path(self.decoder_file, checkpoint_dir)
+        config_path = resolve_hub_path(self.decoder_config_file, checkpoint_dir, revision=revision)
+        decoder_path = resolve_hub_path(self.decoder_file, checkpoint_dir, revision=revision)
         encoder = load_siglip_encoder(encoder_path) if with_encoder else None
         width = int(encoder.config.hidden_size) if encoder is not None else SCALE_RAE_DECODER.hidden_size
         # As Scale-RAE does: the decoder's input width is the encoder's, whatever the JSON says.

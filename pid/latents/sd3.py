@@ -53,10 +53,11 @@ class SD3LatentSpace(AffineLatentSpace):
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         checkpoint_dir: str | None = None,
+        revision: str | None = None,
     ) -> SD3LatentSpace:
         from pid.checkpoints import resolve_hub_path
 
-        folder = resolve_hub_path(self.hub_dir, checkpoint_dir, is_dir=True)
+        folder = resolve_hub_path(self.hub_dir, checkpoint_dir, is_dir=True, revision=revision)
         weights, config_path = find_diffusers_vae(folder)
         config = json.loads(config_path.read_text()) if config_path else self.vae_config
         vae = load_autoencoder_kl(read_weights(weights), config, str(weights))

@@ -47,10 +47,11 @@ class SDXLLatentSpace(AffineLatentSpace):
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         checkpoint_dir: str | None = None,
+        revision: str | None = None,
     ) -> SDXLLatentSpace:
         from pid.checkpoints import resolve_hub_path
 
-        path = resolve_hub_path(self.hub_file, checkpoint_dir)
+        path = resolve_hub_path(self.hub_file, checkpoint_dir, revision=revision)
         vae = load_autoencoder_kl(read_weights(path), self.vae_config, str(path))
         dev = default_device(device)
         self.vae = finish_module(vae, dev, default_dtype(dtype, dev))
