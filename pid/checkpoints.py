@@ -511,13 +511,17 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], PiDNetC
             if "mmap" not in str(exc):
                 raise
             data = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False; never pass on advice to unpickle an untrusted file.
         raise CheckpointMismatchError(
-            f"{path} is not a plain tensor checkpoint; refusing to unpickle arbitrary objects ({first})"
+            f"{path} holds pickled objects other than tensors; pid loads only plain tensor checkpoints "
+            f"(.pth of a state dict, or .safetensors)"
         ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointMismatchError(f"{path} is not a readable PyTorch checkpoint ({exc})") from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, TypeError, AttributeError, IndexError):
+        # a text file, a truncated download, another format: the weights-only reader fails in many ways
+        raise CheckpointMismatchError(
+            f"{path} is not a PyTorch checkpoint (.pth written by torch.save), or it is damaged: download it again"
+        ) from None
     config = None
     if isinstance(data, Mapping) and NET_CONFIG_KEY in data:
         data = dict(data)

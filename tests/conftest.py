@@ -15,3 +15,5 @@ for _name, _value in {
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+from hub_cache import hub_cache_env  # noqa: E402,F401  (session fixture: tiny stand-ins in a real-layout HF cache)

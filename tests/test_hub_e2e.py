@@ -8,14 +8,11 @@ import json
 import subprocess
 import sys
 
-import hub_cache
 import numpy as np
 import pytest
 from PIL import Image
 
 from tiny_pipelines import tiny_call_overrides
-
-hub_cache_env = hub_cache.hub_cache_env  # the session fixture (a no-op once conftest.py registers it)
 
 PYTHON = sys.executable
 
@@ -75,9 +72,8 @@ def test_from_ldm_zimage_turbo_resolves_everything_from_the_cache(hub_cache_env,
     out = tmp_path / "out"
     ldm_kwargs = _hydra_value(tiny_call_overrides("zimage-turbo"))
     _run(
-        ["-m", "pid.inference.from_ldm", "backbone=zimage-turbo", "prompt='a red fox'", "resolution=256",
-         # `++`: the plain `ldm_kwargs={...}` form is refused by the CLI today (see the xfail below)
-         "ldm_steps=2", f"++ldm_kwargs={ldm_kwargs}", f"output_dir={out}", "device=cpu", "dtype=fp32",
+        ["-m", "pid.inference.from_ldm", "backbone=zimage-turbo", "prompt=a red fox", "resolution=256",
+         "ldm_steps=2", f"ldm_kwargs={ldm_kwargs}", f"output_dir={out}", "device=cpu", "dtype=fp32",
          "pid_steps=1"],
         hub_cache_env, tmp_path,
     )  # fmt: skip
@@ -89,12 +85,13 @@ def test_from_ldm_zimage_turbo_resolves_everything_from_the_cache(hub_cache_env,
     assert meta[0]["backbone"] == "zimage-turbo" and meta[0]["output_size"] == [256, 256]
 
 
-@pytest.mark.xfail(strict=True, reason="Hydra struct mode refuses new keys in the empty ldm_kwargs dict (cli.py)")
 def test_plain_ldm_kwargs_override_is_accepted():
     from pid.inference.from_ldm import load_config
 
-    cfg = load_config(["backbone=zimage-turbo", "ldm_kwargs={max_sequence_length:32}"])
-    assert cfg.ldm_kwargs.max_sequence_length == 32
+    cfg = load_config(["backbone=zimage-turbo", "ldm_kwargs={max_sequence_length:32,text_encoder_out_layers:[1]}"])
+    assert cfg.ldm_kwargs == {"max_sequence_length": 32, "text_encoder_out_layers": [1]}
+    assert load_config(["ldm_kwargs={\"negative_prompt\": \"blurry, dark\"}"]).ldm_kwargs == {
+        "negative_prompt": "blurry, dark"}
 
 
 @pytest.mark.slow  # a fresh interpreter importing diffusers + transformers: > 10 s here
@@ -105,7 +102,7 @@ def test_from_clean_flux_resolves_everything_from_the_cache(hub_cache_env, tmp_p
     out = tmp_path / "out"
     _run(
         ["-m", "pid.inference.from_clean", "backbone=flux", f"input_path={image}", f"output_dir={out}",
-         "device=cpu", "pid_steps=1", "plot=false", "prompt='a red fox'"],
+         "device=cpu", "pid_steps=1", "plot=false", "prompt=a red fox"],
         hub_cache_env, tmp_path,
     )  # fmt: skip
     pid_images = sorted(out.rglob("pid/*/*.png"))

@@ -308,7 +308,7 @@ def test_qwen_load_2d_pth(ckpt_dir, monkeypatch):
 
 @pytest.mark.parametrize(("backbone", "command"), [
     ("flux", "hf download nvidia/PiD checkpoints/ae.safetensors"),
-    ("sd3", "hf download nvidia/PiD checkpoints/sd3_vae"),
+    ("sd3", r'hf download nvidia/PiD --include "checkpoints/sd3_vae/\*"'),
     ("qwenimage", "hf download nvidia/PiD checkpoints/QwenImage_VAE_2d.pth"),
     ("dinov2", "hf download nvidia/PiD checkpoints/rae/decoders/dinov2"),
 ])  # fmt: skip

@@ -14,7 +14,6 @@ from pid.inference.pipelines import (
     call_kwargs,
     check_optional_deps,
     get_pipeline_spec,
-    hf_token_from_env,
     import_pipeline_class,
     load_pipeline,
     pipeline_names,
@@ -205,18 +204,6 @@ def test_optional_deps_fail_before_any_download(monkeypatch):
     monkeypatch.setattr(diffusers.Flux2Pipeline, "from_pretrained", must_not_run)
     with pytest.raises(ConfigError, match="flux2"):
         load_pipeline(get_pipeline_spec("flux2"), device="cpu")
-
-
-def test_hf_token_from_env(monkeypatch):
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    assert hf_token_from_env() is None
-    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "b")
-    assert hf_token_from_env() == "b"
-    monkeypatch.setenv("HF_TOKEN", "a")
-    assert hf_token_from_env() == "a"
-    monkeypatch.setenv("HF_TOKEN", "  ")
-    assert hf_token_from_env() == "b"
 
 
 def test_load_pipeline_round_trip_from_local_folder(tmp_path):

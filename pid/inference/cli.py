@@ -298,6 +298,8 @@ def convert_value(option: Option, values: list[str], spelled: str) -> Any:
             return [float(p) for p in _split_numbers(values)]
         if kind == "mapping":
             return _parse_mapping(text, what)
+    except ConfigError:
+        raise
     except ValueError:
         example = {"int": "an integer", "float": "a number", "bool": "true or false",
                    "size": "N, W,H or WxH (e.g. 2048 or 4096,3072)", "ints": "integers (e.g. 24,26)",

@@ -296,13 +296,10 @@ def plan_run(settings: Settings) -> RunPlan:
 
 def _check_model_folder(backbone: str, model_id: str | None) -> None:
     """A local pipeline folder must hold the backbone's pipeline class (checked before anything loads)."""
-    if not model_id:
-        return
-    from pid.inference import pipelines
+    if model_id:
+        from pid.inference.pipelines import check_model_folder
 
-    check = getattr(pipelines, "check_model_folder", None)
-    if check is not None:
-        check(backbone, model_id)
+        check_model_folder(backbone, model_id)
 
 
 def output_paths(out_dir: Path, index: int, label: str, fmt: str) -> dict[str, Path]:

@@ -169,14 +169,15 @@ class RecordStore:
         self.folder = self.run_dir / RECORDS
 
     def check_layout(self, overwrite: bool) -> None:
-        """Refuse to mix with results of the earlier layout (outputs without records)."""
-        if not self.run_dir.is_dir() or self.folder.is_dir() or overwrite:
-            return
-        legacy = [p for p in ("metadata.jsonl", "pid", "metrics.csv") if (self.run_dir / p).exists()]
-        legacy += [p.name for p in self.run_dir.glob("metrics.rank*.jsonl")]
-        if legacy:
-            raise ConfigError(f"{self.run_dir} holds results of an earlier pid version ({legacy[0]} without "
-                              f"records/); choose another output_dir, or pass overwrite=true to redo them")
+        """Refuse to mix with results of the earlier layout (outputs without records/), then mark the folder as
+        this layout's (records/ exists from the start, so a run killed before its first item is not mistaken)."""
+        if self.run_dir.is_dir() and not self.folder.is_dir() and not overwrite:
+            legacy = [p for p in ("metadata.jsonl", "metrics.csv") if (self.run_dir / p).exists()]
+            legacy += [p.name for p in self.run_dir.glob("metrics.rank*.jsonl")]
+            if legacy:
+                raise ConfigError(f"{self.run_dir} holds results of an earlier pid version ({legacy[0]} without "
+                                  f"records/); choose another output_dir, or pass overwrite=true to redo them")
+        self.folder.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str) -> Path:
         return self.folder / f"{name}.json"
