@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pid.config_files import config_dir
 from pid.errors import ConfigError, PiDError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = config_dir()
 
 # Reference flag -> (config key, number of values: 1, "+" for one or more, 0 for a switch, 2 for a pair).
 FlagTable = dict[str, tuple[str, Any]]
