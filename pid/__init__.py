@@ -15,7 +15,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from loguru import logger as _logger
+
 __version__ = "0.1.0"
+
+# A library stays quiet: pid's modules log through loguru, but nothing from "pid.*" is shown unless the
+# application turns it on with `logger.enable("pid")` (the CLIs do; see docs/logging.md).
+_logger.disable("pid")
 
 # Lazy re-exports keep `import pid` cheap (no torch/diffusers import until needed).
 _EXPORTS = {

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pid.config_files import config_dir
+from pid.config_files import check_config_dir, config_dir
 from pid.errors import ConfigError, PiDError
 
 CONFIG_DIR = config_dir()
@@ -353,8 +353,7 @@ def _compose_defaults(entry: str, backbone: str) -> dict[str, Any]:
 
 def parse_command(entry: EntryPoint, argv: Sequence[str]) -> Command:
     """Parse a command line into settings; every problem is a one-line ConfigError."""
-    if not (CONFIG_DIR / f"{entry.name}.yaml").is_file():
-        raise ConfigError(f"the configs are not at {CONFIG_DIR}; reinstall pid (pip install .)")
+    check_config_dir(CONFIG_DIR, entry.name)
     backbone = _find_backbone(entry, list(argv)) or _default_backbone(entry)
     known = available_backbones()
     if backbone not in known:
