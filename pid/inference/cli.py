@@ -584,8 +584,15 @@ def run_cli(entry: EntryPoint, module: str, main: Callable[[Command], int | None
     """Parse, print help or run; turn `PiDError`s into one line on stderr and exit code 2."""
     from loguru import logger
 
-    logger.enable("pid")
+    logger.enable("pid")  # a CLI shows pid's logs; the library is quiet again afterwards (main() in-process)
     args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run_entry(entry, module, main, args)
+    finally:
+        logger.disable("pid")
+
+
+def _run_entry(entry: EntryPoint, module: str, main: Callable[[Command], int | None], args: list[str]) -> int:
     try:
         if wants_help(entry, args):
             backbone = next((a.split("=", 1)[1] for a in args if a.startswith("backbone=")), None)
