@@ -133,7 +133,8 @@ def render_facts(facts: Sequence[tuple[str, str]]) -> str:
 def _render_group(group: Group, page_dir: Path) -> str:
     cards = "\n".join(_render_card(c, page_dir) for c in group.cards)
     facts = f'<p class="groupfacts">{esc(group.facts)}</p>' if group.facts else ""
-    return (f'<section class="group" id="{esc(group.anchor)}">\n<h2>{esc(group.heading)}</h2>\n{facts}\n'
+    single = " single" if len(group.cards) == 1 else ""  # one-card groups flow side by side
+    return (f'<section class="group{single}" id="{esc(group.anchor)}">\n<h2>{esc(group.heading)}</h2>\n{facts}\n'
             f'<div class="cards">\n{cards}\n</div>\n</section>')
 
 

@@ -35,7 +35,7 @@ section.block h2, section.group h2 { font-size:16px; margin:0 0 8px; }
 .plots { display:flex; flex-wrap:wrap; gap:12px; }
 .plots svg { background:#fff; border:1px solid var(--line); border-radius:6px; }
 .plots text { font:11px system-ui, sans-serif; fill:var(--fg); }
-.tablewrap { max-height:420px; overflow:auto; border:1px solid var(--line); border-radius:6px; }
+.tablewrap { max-height:320px; overflow:auto; border:1px solid var(--line); border-radius:6px; }
 table { border-collapse:collapse; width:100%; font-variant-numeric:tabular-nums; }
 th, td { padding:3px 8px; border-bottom:1px solid #eceef1; text-align:right; white-space:nowrap; }
 th:first-child, td:first-child, td.text, th.text { text-align:left; }
@@ -45,7 +45,9 @@ th button:focus-visible { outline:2px solid var(--accent); }
 th[aria-sort=ascending] button::after { content:" \\25B2"; }
 th[aria-sort=descending] button::after { content:" \\25BC"; }
 td.better { color:var(--good); } td.worse { color:var(--bad); }
-section.group { margin:18px 0; }
+section#items { display:flex; flex-wrap:wrap; gap:0 14px; align-items:flex-start; }
+section.group { margin:18px 0 0; flex:1 1 100%; min-width:0; }
+section.group.single { flex:0 1 auto; width:min(100%, var(--card-w, 560px)); }
 section.group > h2 { font-weight:600; white-space:pre-wrap; word-break:break-word; }
 .groupfacts { color:var(--muted); margin:-4px 0 8px; }
 .cards { display:flex; flex-wrap:wrap; gap:14px; align-items:flex-start; }
