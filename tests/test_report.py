@@ -110,7 +110,7 @@ def test_clean_report_lists_every_metrics_row_once_with_plots_and_failures(tmp_p
 
 
 def test_previews_are_made_once_and_remade_only_for_changed_files(tmp_path):
-    run = make_ldm_run(tmp_path, ("a red fox in snow",), ldm_size=(300, 400), scale=4)  # PiD 1600x1200
+    run = make_ldm_run(tmp_path, ("a red fox in snow",), ldm_size=(150, 200), scale=4)  # PiD 800x600
     first = write_report(run, preview_max_side=256).read_bytes()
     previews = sorted((run / "previews").rglob("*.jpg"))
     assert len(previews) == 4  # pid + vae for two steps; never the comparison image (the page does not show it)
@@ -124,7 +124,7 @@ def test_previews_are_made_once_and_remade_only_for_changed_files(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in previews} == stamps
     assert (run / "report.html").stat().st_mtime_ns == report_stamp  # unchanged page: not even rewritten
     changed = run / "pid" / "step_x0" / "00000000.png"
-    save_png(changed, noise_image("other", "content", (1200, 1600)))
+    save_png(changed, noise_image("other", "content", (600, 800)))
     write_report(run, preview_max_side=256)
     remade = [p for p in previews if p.stat().st_mtime_ns != stamps[p]]
     assert remade == [run / "previews" / "pid" / "step_x0" / "00000000.jpg"]
@@ -410,3 +410,18 @@ def test_clean_rows_helper_matches_the_contract(tmp_path):
     for row in rows:
         for key in ("input", "output", "grid"):
             assert (tmp_path / "run" / row[key]).is_file()
+
+
+def test_update_report_never_raises_and_throttles(tmp_path, monkeypatch):
+    import pid.report as report_module
+
+    assert report_module.update_report(tmp_path / "missing") is None  # logged, not raised
+    run = make_ldm_run(tmp_path, ("a red fox in snow",), finished=False)
+    assert report_module.update_report(run) == run / "report.html"
+    # pretend the last rebuild took an hour: the next ones are skipped until the run's end
+    monkeypatch.setitem(report_module._last_rebuild, run.resolve(), (time.monotonic(), 3600.0))
+    add_ldm_item(run, 1, "a lighthouse at dusk", "x0", None, 0.0)
+    assert report_module.update_report(run) is None
+    assert "a lighthouse at dusk" not in (run / "report.html").read_text()
+    assert report_module.update_report(run, final=True) == run / "report.html"
+    assert "a lighthouse at dusk" in (run / "report.html").read_text()

@@ -15,6 +15,7 @@ atomically, so the page is valid while a run is in progress and after a crash.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,4 +78,33 @@ def compare_runs(run_dirs: Sequence[str | Path], out_path: str | Path, *,
     return out
 
 
-__all__ = ["REPORT_NAME", "Run", "compare_runs", "load_run", "write_report"]
+# run folder -> (when its last rebuild ended, how long it took), for update_report's throttle
+_last_rebuild: dict[Path, tuple[float, float]] = {}
+THROTTLE_FACTOR = 10.0
+
+
+def update_report(run_dir: str | Path, *, final: bool = False) -> Path | None:
+    """What the CLIs call after every finished item (and with `final=True` at the end of a run).
+
+    Never raises: a report problem is logged and the run goes on. Keeps the report's share of a run's time
+    small: unless `final`, a rebuild is skipped while less than 10x the previous rebuild's duration has passed
+    (a 100-item report takes ~0.1 s, so in practice every item of a GPU run is shown).
+    """
+    key = Path(run_dir).resolve()
+    start = time.monotonic()
+    previous = _last_rebuild.get(key)
+    if not final and previous is not None and start - previous[0] < THROTTLE_FACTOR * previous[1]:
+        return None
+    try:
+        path = write_report(run_dir)
+    except Exception as exc:  # the report must never stop a long GPU run
+        from loguru import logger
+
+        logger.warning("report of {} not updated: {}", run_dir, exc)
+        return None
+    end = time.monotonic()
+    _last_rebuild[key] = (end, end - start)
+    return path
+
+
+__all__ = ["REPORT_NAME", "Run", "compare_runs", "load_run", "update_report", "write_report"]
