@@ -84,7 +84,7 @@ def test_ldm_report_lists_every_capture_once_with_its_facts(tmp_path):
 
 
 def test_clean_report_lists_every_metrics_row_once_with_plots_and_failures(tmp_path):
-    sources = source_images(tmp_path / "src", ["cat", "dog"])
+    sources = source_images(tmp_path / "src", ["cat", "my photo #1 \u00e9t\u00e9"])  # names need URL-encoding
     failures = [{"image": "imgs/corrupt.png", "reason": "image imgs/corrupt.png cannot be decoded"}]
     run = make_clean_run(tmp_path, sources, sigmas=(0.0, 0.3, 0.6), failures=failures, perfect_first=True)
     report = write_report(run)
@@ -97,6 +97,7 @@ def test_clean_report_lists_every_metrics_row_once_with_plots_and_failures(tmp_p
     assert len(parser.cards) == 6
     _assert_files_exist(report, parser)
     html = report.read_text()
+    assert "00000001_my%20photo%20%231%20%C3%A9t%C3%A9.png" in html
     assert html.count("<svg") == 3 and "PSNR (dB)" in html and "\u0394E2000" in html  # one plot per metric
     assert 'data-v="Infinity">inf<' in html  # a perfect PSNR sorts as the largest and reads "inf"
     text = " ".join(parser.text)
@@ -136,6 +137,10 @@ def test_previews_are_made_once_and_remade_only_for_changed_files(tmp_path):
 
 def test_report_of_a_run_in_progress_then_killed_then_resumed(tmp_path):
     prompts = ("a red fox in snow", "a lighthouse at dusk", "a bowl of ramen")
+    run = make_ldm_run(tmp_path, (), finished=False)
+    (run / "metadata.jsonl").touch()  # started, nothing finished yet
+    parser = parse_report(write_report(run))
+    assert parser.cards == [] and "No finished items yet." in " ".join(parser.text)
     run = make_ldm_run(tmp_path, prompts[:1], finished=False)
     # killed while writing the next line: a torn last line and no summary.json
     with (run / "metadata.jsonl").open("a") as handle:

@@ -39,7 +39,7 @@ def reports(tmp_path_factory):
                        image_fn=split_image, name="sd3_PiD_sd3_2k_pidsteps4_seed0")
     ldm_b = make_ldm_run(root, ("a red fox in snow", "a lighthouse at dusk"), ldm_size=(96, 128), scale=2,
                          name="sd3_PiD_sd3_2kto4k_pidsteps4_seed0")
-    sources = source_images(root / "src", ["cat", "dog", "car"])
+    sources = source_images(root / "src", ["cat", "my photo #1 \u00e9t\u00e9", "car"])  # '#', ' ', non-ASCII in URLs
     clean = make_clean_run(root, sources, sigmas=(0.0, 0.2, 0.5), perfect_first=True,
                            failures=[{"image": "x.png", "reason": "cannot be decoded"}])
     clean_b = make_clean_run(root, sources[::-1], name="sd3_PiD_sd3_2kto4k_pidsteps4_x4_seed0", variant=1)

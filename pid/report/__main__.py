@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. the output folder is not writable
-        print(f"error: cannot write the report: {exc}", file=sys.stderr)
+        print(f"error: cannot write the report ({exc}): pass -o OUT.html to write it somewhere writable", file=sys.stderr)
         return 2
     print(out)
     return 0
