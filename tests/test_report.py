@@ -213,7 +213,13 @@ def test_report_write_is_atomic_when_the_process_is_killed(tmp_path):
         html = (run / "report.html").read_text()
         assert html.rstrip().endswith("</html>")
         parse_report(run / "report.html")
+    # temp files of killed writes: old ones are cleared by the next rebuild, a fresh one may be a live write
+    old, fresh = run / ".report.html.killed.tmp", run / ".report.html.writing.tmp"
+    old.write_text("partial")
+    fresh.write_text("partial")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
     parser = parse_report(write_report(run))
+    assert not old.exists() and fresh.exists()
     keys = _card_keys(parser)
     assert len(keys) == len(set(keys)) == len(load_run(run).ldm_items) > 5
     _assert_files_exist(run / "report.html", parser)

@@ -28,15 +28,26 @@ from pid.report.runs import Run, load_run
 REPORT_NAME = "report.html"
 
 
+STALE_TEMP_S = 600.0
+
+
 def _write_if_changed(path: Path, text: str) -> None:
     """Atomic replace; skipped when the page is byte-identical (idempotent, and no needless rewrites)."""
     data = text.encode("utf-8")
     try:
-        if path.read_bytes() == data:
-            return
+        unchanged = path.read_bytes() == data
     except OSError:
-        pass
-    atomic_write_bytes(path, data)
+        unchanged = False
+    if not unchanged:
+        atomic_write_bytes(path, data)
+    # A process killed mid-write leaves its temp file; one older than any write in progress can go.
+    now = time.time()
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if now - stale.stat().st_mtime > STALE_TEMP_S:
+                stale.unlink()
+        except OSError:
+            pass
 
 
 def write_report(run_dir: str | Path, out_path: str | Path | None = None, *,
