@@ -198,9 +198,10 @@ JS = """
     viewer.addEventListener("pointerdown", function (e) {
       if (e.button !== 0) return;
       dragging = card;
-      viewer.setPointerCapture(e.pointerId);
       setPos(card, where(viewer, e).fx);
       e.preventDefault();
+      // keep the drag when the pointer leaves the image (throws for a pointer that is no longer active)
+      try { viewer.setPointerCapture(e.pointerId); } catch (err) { /* drag without capture */ }
     });
     viewer.addEventListener("pointermove", function (e) {
       var f = where(viewer, e);
