@@ -67,9 +67,9 @@ def browser():
 class Watched:
     """A page with every console error, page error and failed request recorded."""
 
-    def __init__(self, browser, path):
+    def __init__(self, browser, path, scale=1):
         self.problems = []
-        self.page = browser.new_page(viewport={"width": 1280, "height": 900}, device_scale_factor=1)
+        self.page = browser.new_page(viewport={"width": 1280, "height": 900}, device_scale_factor=scale)
         self.page.on("console", lambda m: m.type == "error" and self.problems.append(f"console: {m.text}"))
         self.page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
         self.page.on("requestfailed", lambda r: self.problems.append(f"failed request: {r.url} {r.failure}"))
@@ -139,8 +139,10 @@ def test_slider_changes_the_pixels_where_the_two_images_differ(browser, reports)
     watched.close()
 
 
-def test_magnifier_shows_full_resolution_pixels_of_both_sides(browser, reports):
-    watched = Watched(browser, reports["ldm"])
+@pytest.mark.parametrize("scale", [1, 2], ids=["dpr1", "dpr2"])
+def test_magnifier_shows_full_resolution_pixels_of_both_sides(browser, reports, scale):
+    """One image pixel per device pixel, on ordinary and on HiDPI screens."""
+    watched = Watched(browser, reports["ldm"], scale)
     page = watched.page
     card = page.locator("article.card").first
     viewer = card.locator(".viewer")
@@ -154,24 +156,38 @@ def test_magnifier_shows_full_resolution_pixels_of_both_sides(browser, reports):
     assert pane_b.locator("img").get_attribute("src") == "pid/step_24xt/00000000.png"
     assert pane_a.locator("img").get_attribute("src") == "vae/step_24xt/00000000.png"
     assert "1:1" in pane_b.locator("figcaption").inner_text()
-    px, py = map(int, pane_b.get_attribute("data-px").split(","))
+    px, py = map(int, pane_b.get_attribute("data-px").split(","))  # the pixel under the pointer
     full = np.asarray(Image.open(reports["ldm_run"] / "pid" / "step_24xt" / "00000000.png").convert("RGB")).astype(int)
     assert (px, py) == (full.shape[1] // 2, int(0.75 * full.shape[0]))
-    shown = screenshot(pane_b.locator(".win"))
+    shown = screenshot(pane_b.locator(".win"))  # in device pixels
+    assert shown.shape[0] == 176 * scale
     half = shown.shape[0] // 2
-    expected = full[py - half: py + half, px - half: px + half]
-    assert shown.shape == expected.shape
-    assert np.abs(shown - expected).mean() < 1.0  # the full file's own pixels, one per screen pixel
+    expected = window(full, px, py, half)
+    inside = window(np.ones_like(full), px, py, half).astype(bool)  # the pane may reach past the image
+    assert np.abs(shown - expected)[inside].mean() < 1.0  # the full file's own pixels, one per device pixel
+    assert (shown[~inside] == 0).all()  # and black past its edge
     # ... which the preview could not have shown: it is 4x smaller
     preview = Image.open(reports["ldm_run"] / "previews" / "pid" / "step_24xt" / "00000000.jpg").convert("RGB")
     from_preview = np.asarray(preview.resize(full.shape[1::-1], Image.Resampling.BILINEAR)).astype(int)
-    assert np.abs(from_preview[py - half: py + half, px - half: px + half] - expected).mean() > 15
+    assert np.abs(window(from_preview, px, py, half) - expected)[inside].mean() > 15
     # the other side, at the same place: the VAE decode's red bottom half, upscaled to PiD's size
     left = screenshot(pane_a.locator(".win"))
-    assert np.abs(left - np.array(RED)).mean() < 3
+    red_rows = window(np.ones_like(full), px, py, half)[:, :, 0].astype(bool) & (
+        np.arange(2 * half)[:, None] + py - half >= full.shape[0] // 2 + 8)  # well inside the red half
+    assert np.abs(left - np.array(RED))[red_rows].mean() < 3
     page.mouse.move(2, 2)
     assert page.locator("#loupe").is_hidden()
     watched.close()
+
+
+def window(image: np.ndarray, px: int, py: int, half: int) -> np.ndarray:
+    """The 2*half square of `image` centred on pixel (px, py), zeros where it reaches past the image."""
+    out = np.zeros((2 * half, 2 * half, image.shape[2]), image.dtype)
+    top, left = py - half, px - half
+    y0, x0 = max(0, top), max(0, left)
+    y1, x1 = min(image.shape[0], top + 2 * half), min(image.shape[1], left + 2 * half)
+    out[y0 - top: y1 - top, x0 - left: x1 - left] = image[y0:y1, x0:x1]
+    return out
 
 
 def _column(page, table, index):
