@@ -378,7 +378,7 @@ def test_report_of_a_real_from_ldm_run_then_resume(tmp_path):
 
 
 def _prompts(tmp_path):
-    path = tmp_path.parent / f"{tmp_path.name}_prompts.txt"
+    path = tmp_path / "prompts.txt"
     path.write_text("a red fox in snow\na lighthouse at dusk\n")
     return path
 
