@@ -71,6 +71,7 @@ def test_end_to_end_metrics_grids_and_bad_images(setup, tmp_path):
     assert grid.shape == (2 * 128 + 4, 3 * 192 + 8, 3)
     assert (out / "pid" / "sigma_0.000" / "00000001_gray.png").is_file()
     assert (out / "input" / "00000002_rgba.png").is_file()
+    assert (out / "report.html").is_file() and (out / "failures.jsonl").is_file()
 
 
 def test_noise_changes_outputs_and_resume_skips(setup, tmp_path):

@@ -60,6 +60,7 @@ def test_every_diffusers_backbone_end_to_end(backbone, tmp_path):
     import imageio.v3 as iio
 
     assert iio.imread(out / "pid" / "step_x0" / "00000000.png").shape == (256, 256, 3)
+    assert (out / "report.html").is_file()  # the run's report, kept up to date by the CLI
 
 
 def test_resume_skips_finished_prompts_and_overwrite_redoes(tmp_path):

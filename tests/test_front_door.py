@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_driver import REPO, cli_env, dry_run, run_module
 from PIL import Image
 
 from pid.inference import from_clean, from_ldm
 from pid.inference.cli import Settings
 from pid.inference.io import read_image
 
+from cli_driver import REPO, cli_env, dry_run, run_module
 from tiny_pipelines import tiny_call_overrides
 
 HARD = "a, b 'c' \"d\" (e) [f] {g} h=i \\j ${k} #l 100% café 🦊 東京"

@@ -12,6 +12,11 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from pid.errors import InputError
+from pid.report import compare_runs, write_report
+from pid.report.runs import load_run
+
 from report_runs import (
     add_ldm_item,
     clean_rows_for,
@@ -25,10 +30,6 @@ from report_runs import (
     source_images,
     write_metrics_csv,
 )
-
-from pid.errors import InputError
-from pid.report import compare_runs, write_report
-from pid.report.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -351,7 +352,7 @@ def test_report_of_a_real_from_ldm_run_then_resume(tmp_path):
 
     from tiny_pipelines import make_tiny_pipeline
 
-    cfg = tiny_cfg("sd3", tmp_path, "prompt=null", f"prompt_file={_prompts(tmp_path)}")
+    cfg = tiny_cfg("sd3", tmp_path, f"prompt_file={_prompts(tmp_path)}", prompt=None)
     pipe, decoder = make_tiny_pipeline("sd3"), tiny_pid("sd3")
     run_from_ldm(cfg, pipe=pipe, decoder=decoder)
     run_dir = next(p for p in tmp_path.iterdir() if p.is_dir())

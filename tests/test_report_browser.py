@@ -11,9 +11,10 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
-from report_runs import make_clean_run, make_ldm_run, noise_image, source_images
 
 from pid.report import compare_runs, write_report
+
+from report_runs import make_clean_run, make_ldm_run, noise_image, source_images
 
 CHROMIUM = os.environ.get("PID_CHROMIUM") or next(
     (path for path in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if path), None)

@@ -4,10 +4,11 @@
 import json
 
 import pytest
-from cli_driver import REPO, cli_env, dry_run, run_module
 
 from pid.inference import from_clean, from_ldm
 from pid.inference.io import shipped_prompt_sets
+
+from cli_driver import REPO, cli_env, dry_run, run_module
 
 FROM_LDM = "pid._src.inference.from_ldm"
 FROM_CLEAN = "pid._src.inference.from_clean"

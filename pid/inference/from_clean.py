@@ -255,7 +255,7 @@ def run(settings: Settings, decoder: Any = None, latent_space: Any = None,
                 redone[why] = redone.get(why, 0) + n
         summary = _report(plan, store, all_failures, redone, plot=settings.plot)
         if settings.get("report", True):
-            runs.refresh_report(plan.out_dir)
+            runs.refresh_report(plan.out_dir, final=True)
     dist.barrier()
     failed = any(g["failures"] for g in gathered) if dist.is_main() else bool(failures)
     summary["exit_code"] = EXIT_ITEMS_FAILED if failed else 0

@@ -462,7 +462,7 @@ def run(settings: Settings, pipe: Any = None, decoder: Any = None, source: Any =
             **{k: v for k, v in total.items() if k != "failed"}, "failed": len(total["failed"]),
         })
         if settings.get("report", True):
-            runs.refresh_report(plan.out_dir)
+            runs.refresh_report(plan.out_dir, final=True)
         _print_summary(plan, total)
     dist.barrier()
     total["exit_code"] = EXIT_ITEMS_FAILED if total["failed"] else exit_code

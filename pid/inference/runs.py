@@ -18,8 +18,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from loguru import logger
-
 from pid.errors import CheckpointNotFoundError, ConfigError, InputError
 from pid.inference.io import atomic_write_text, build_run_tag, read_json_file, to_json, write_json
 
@@ -252,13 +250,8 @@ def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> None:
     write_json(Path(run_dir) / "summary.json", summary)
 
 
-def refresh_report(run_dir: Path) -> None:
-    """Rebuild report.html when the report module is available; a report problem never fails the run."""
-    try:
-        from pid.report import write_report
-    except ImportError:
-        return
-    try:
-        write_report(Path(run_dir))
-    except Exception as exc:  # noqa: BLE001 - the report is a convenience; the images are the product
-        logger.warning("report.html not updated: {}", first_line(exc))
+def refresh_report(run_dir: Path, final: bool = False) -> None:
+    """Rebuild report.html (throttled while a run goes on, always when `final`); never fails the run."""
+    from pid.report import update_report
+
+    update_report(run_dir, final=final)
