@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +36,26 @@ def _decode_within_a_small_budget() -> None:
     assert out.shape == (1, 3, 64, 64)
 
 
+# Run in a fresh interpreter: whether pid logs "by default" is the state `import pid` leaves, which other
+# tests in this process (CLIs called in-process enable pid's logging) may have changed.
+_FRESH_PROCESS_CHECK = """
+import sys
+from loguru import logger
+records = []
+logger.remove()
+logger.add(lambda m: records.append(m.record["name"]), level="DEBUG")
+import pid
+import pid.inference.cli
+from test_logging import _decode_within_a_small_budget
+_decode_within_a_small_budget()
+silent = [name for name in records if name.startswith("pid")]
+logger.enable("pid")
+_decode_within_a_small_budget()
+heard = [name for name in records if name.startswith("pid")]
+print(len(silent), len(heard), ",".join(sorted(set(heard))))
+"""
+
+
 def test_import_prints_nothing():
     done = subprocess.run(
         [sys.executable, "-c", "import pid; pid.PiDDecoder; import pid.inference.cli"],
@@ -45,12 +67,19 @@ def test_import_prints_nothing():
     assert done.stdout == "" and done.stderr == ""
 
 
-def test_decoding_logs_nothing_by_default(pid_log):
-    _decode_within_a_small_budget()
-    assert [m for m in pid_log if m.startswith("pid")] == []
+def test_decoding_logs_nothing_by_default_and_logs_once_enabled():
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    done = subprocess.run(
+        [sys.executable, "-c", _FRESH_PROCESS_CHECK], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    silent, heard, names = done.stdout.split()
+    assert silent == "0", "pid logged before logger.enable('pid')"
+    assert int(heard) > 0 and "pid.tiling" in names.split(","), done.stdout
 
 
-def test_decoding_logs_once_enabled(pid_log):
+def test_enabled_logs_reach_a_sink(pid_log):
     logger.enable("pid")
     _decode_within_a_small_budget()
     assert any(m.startswith("pid.tiling: ") for m in pid_log), pid_log
