@@ -197,3 +197,23 @@ def test_caption_offload_encodes_everything_first(tmp_path):
     assert summary["images"] == 3
     assert seen == [["a cat", "a dog"]]  # both captions in one batch, before the LDM ran
     assert order[0] == 1
+
+
+def test_ldm_stop_at_skips_the_remaining_denoiser_calls(tmp_path):
+    pipe = make_tiny_pipeline("sd3")
+    calls = []
+    hook = pipe.transformer.register_forward_hook(lambda module, args, out: calls.append(1))
+    try:
+        summary = run(tiny_cfg("sd3", tmp_path, "ldm_stop_at=2", "save_xt_steps=[1]"), pipe=pipe,
+                      decoder=tiny_pid("sd3"))
+    finally:
+        hook.remove()
+    assert len(calls) == 2  # steps 1 and 2 of 3 ran (SD3 batches its CFG pair into one forward call)
+    assert summary["steps_run"] == 2 and summary["steps_skipped"] == 1 and summary["images"] == 2
+    out = next(tmp_path.iterdir())
+    meta = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in meta] == ["01xt", "02xt"]  # x0 was never computed
+    assert all(m["denoiser_steps"] == {"run": 2, "skipped": 1} for m in meta)
+    assert not (out / "pid" / "step_x0").exists()
+    with pytest.raises(ConfigError, match="come after ldm_stop_at=1"):
+        plan_run(tiny_cfg("sd3", tmp_path, "ldm_stop_at=1", "save_xt_steps=[2]"))

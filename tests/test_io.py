@@ -21,9 +21,11 @@ from pid.inference import io as pio
 @pytest.fixture
 def warnings_log():
     messages: list[str] = []
+    logger.enable("pid")  # the library is quiet by default; these tests read its warnings
     handler = logger.add(lambda m: messages.append(str(m)), level="WARNING", format="{message}")
     yield messages
     logger.remove(handler)
+    logger.disable("pid")
 
 
 def _rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -329,3 +331,27 @@ def test_should_skip(tmp_path):
     assert pio.should_skip([a, b], overwrite=False)
     assert not pio.should_skip([a, b], overwrite=True)
     assert not pio.should_skip([], overwrite=False)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(tmp_path, orientation):
+    from PIL import Image
+
+    from pid.inference.io import load_image, read_image
+
+    upright = np.zeros((4, 6, 3), dtype=np.uint8)
+    upright[0, 0] = (255, 0, 0)  # a red corner top-left, a green one top-right: any turn or flip moves them
+    upright[0, 5] = (0, 255, 0)
+    # what a camera stores for each EXIF orientation: the inverse of the turn a viewer applies
+    stored_as = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                 4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
+                 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}[orientation]
+    image = Image.fromarray(upright)
+    if stored_as is not None:
+        image = image.transpose(stored_as)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"o{orientation}.png"
+    image.save(path, exif=exif.tobytes())
+    assert np.array_equal(read_image(path), upright)
+    assert load_image(path, multiple=2).shape == (1, 3, 4, 6)
