@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REQUIRED_MODULES = [
-    "torch", "diffusers", "transformers", "safetensors", "huggingface_hub", "hydra", "omegaconf",
-    "einops", "loguru", "imageio", "cv2", "PIL", "numpy", "tqdm", "pid",
+    "torch", "diffusers", "transformers", "accelerate", "safetensors", "huggingface_hub", "hydra", "omegaconf",
+    "loguru", "cv2", "PIL", "numpy", "tqdm", "packaging", "psutil", "pid",
 ]  # fmt: skip
 OPTIONAL_MODULES = {
     "torchvision": "FLUX.2-dev / Qwen-Image prompt processors (pip install -e '.[flux2]')",

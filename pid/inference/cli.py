@@ -612,6 +612,21 @@ def _run_entry(entry: EntryPoint, module: str, main: Callable[[Command], int | N
     return EXIT_OK if code is None else int(code)
 
 
+def plan_or_run(command: Command, plan_run: Callable[[Settings], Any], run: Callable[..., dict[str, Any]]) -> int:
+    """Resolve the command into its plan; print it (`--dry_run`) or run it. The exit code of the run."""
+    from pid.inference import distributed as dist
+
+    plan = plan_run(command.settings)
+    if command.dry_run:
+        rank, world = rank_and_world()
+        print_plan(plan.describe(rank, world))
+        return EXIT_OK
+    try:
+        return int(run(command.settings, plan=plan).get("exit_code", EXIT_OK))
+    finally:
+        dist.cleanup()
+
+
 def print_plan(plan: Mapping[str, Any]) -> None:
     """The dry run's single JSON object on stdout."""
     from pid.inference.io import to_json

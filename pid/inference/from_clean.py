@@ -31,15 +31,13 @@ from pid.inference import distributed as dist
 from pid.inference import runs
 from pid.inference.cli import (
     EXIT_ITEMS_FAILED,
-    Command,
     EntryPoint,
     Settings,
     check_output_dir,
     check_pid_steps,
     chunk_setting,
     parse_command,
-    print_plan,
-    rank_and_world,
+    plan_or_run,
     resolve_decoder,
     run_cli,
     unused_sampler_knobs,
@@ -422,20 +420,8 @@ def _plot(path: Path, means: dict[str, dict[str, dict[str, float]]]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _main(command: Command) -> int:
-    plan = plan_run(command.settings)
-    if command.dry_run:
-        rank, world = rank_and_world()
-        print_plan(plan.describe(rank, world))
-        return 0
-    try:
-        return run(command.settings, plan=plan).get("exit_code", 0)
-    finally:
-        dist.cleanup()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(FROM_CLEAN, MODULE, _main, argv)
+    return run_cli(FROM_CLEAN, MODULE, lambda command: plan_or_run(command, plan_run, run), argv)
 
 
 if __name__ == "__main__":

@@ -30,15 +30,13 @@ from pid.inference import distributed as dist
 from pid.inference import runs
 from pid.inference.cli import (
     EXIT_ITEMS_FAILED,
-    Command,
     EntryPoint,
     Settings,
     check_output_dir,
     check_pid_steps,
     parse_command,
     parse_resolution,
-    print_plan,
-    rank_and_world,
+    plan_or_run,
     resolve_decoder,
     run_cli,
     unused_sampler_knobs,
@@ -580,20 +578,8 @@ def _print_summary(plan: RunPlan, total: dict[str, Any]) -> None:
         print(f"FAILED [{failure['index']}] {failure['prompt'][:60]!r}: {failure['error']}")
 
 
-def _main(command: Command) -> int:
-    plan = plan_run(command.settings)
-    if command.dry_run:
-        rank, world = rank_and_world()
-        print_plan(plan.describe(rank, world))
-        return 0
-    try:
-        return run(command.settings, plan=plan)["exit_code"]
-    finally:
-        dist.cleanup()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(FROM_LDM, MODULE, _main, argv)
+    return run_cli(FROM_LDM, MODULE, lambda command: plan_or_run(command, plan_run, run), argv)
 
 
 if __name__ == "__main__":
