@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "PiDNetConfig fields (may hold \"base\": <released name>); default: the detected released one",
     )
     args = parser.parse_args(argv)
+    logger.enable("pid")  # pid is silent as a library (pid/__init__.py); a command shows its progress
     try:
         convert(args.src, args.dst, args.overwrite, args.net_config)
     except PiDError as exc:

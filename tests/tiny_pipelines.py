@@ -17,6 +17,9 @@ config) must ask for `fresh=True`.
 from __future__ import annotations
 
 import functools
+import json
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,6 +122,21 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(code) for _, code in sorted(zip(printable, codes, strict=True))]
 
 
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+def _bpe_files(vocab: dict[str, int], merges: list[tuple[str, str]]) -> tuple[str, str]:
+    """vocab.json + merges.txt in a temporary folder: a BPE tokenizer source transformers 4 and 5 both accept
+    (5 also takes in-memory dicts; 4 only file paths)."""
+    folder = Path(tempfile.mkdtemp(prefix="pid-tiny-tokenizer-"))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return str(folder / "vocab.json"), str(folder / "merges.txt")
+
+
 @functools.cache
 def clip_tokenizer() -> Any:
     from transformers import CLIPTokenizer
@@ -128,7 +146,7 @@ def clip_tokenizer() -> Any:
     merges = [("t", "h"), ("th", "e</w>")]  # tuples: "a b" strings raise in tokenizers 0.23
     vocab_list += ["th", "the</w>", "<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(vocab_list)}
-    tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    tok = CLIPTokenizer(*_bpe_files(vocab, merges))
     tok.model_max_length = 77
     return tok
 
@@ -142,7 +160,17 @@ def t5_tokenizer() -> Any:
     pieces += [(c, -3.0) for c in letters]
     pieces += [("▁" + c, -3.5) for c in letters]
     pieces += [("▁" + w, -1.0) for w in ("a", "the", "cat", "photo", "of", "dog", "red", "bad")]
-    return T5Tokenizer(vocab=pieces, extra_ids=0)
+    if _transformers_major() >= 5:
+        return T5Tokenizer(vocab=pieces, extra_ids=0)
+    # transformers 4's T5Tokenizer needs a sentencepiece file; its fast class takes the same Unigram model.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0)
 
 
 _QWEN_SPECIALS = [
@@ -181,8 +209,7 @@ def qwen_tokenizer() -> Any:
     vocab_list = chars + ["th", "the", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(vocab_list)}
     tok = Qwen2Tokenizer(
-        vocab=vocab,
-        merges=merges,
+        *_bpe_files(vocab, merges),
         unk_token=None,
         bos_token=None,
         eos_token="<|endoftext|>",
