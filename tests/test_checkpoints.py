@@ -350,7 +350,7 @@ def test_offline_message_names_the_current_hub_path(tmp_path, monkeypatch):
 
 
 def test_hub_download_tries_the_current_folder_then_the_other(tmp_path, monkeypatch):
-    from huggingface_hub.errors import RemoteEntryNotFoundError
+    from hub_fakes import entry_not_found
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("PID_CHECKPOINT_DIR", raising=False)
@@ -359,7 +359,7 @@ def test_hub_download_tries_the_current_folder_then_the_other(tmp_path, monkeypa
     def fake_download(repo, filename, revision=None, **kwargs):
         asked.append((repo, filename, revision))
         if filename.startswith("checkpoints_deprecated/"):
-            raise RemoteEntryNotFoundError("404", response=_response(404))
+            raise entry_not_found("404")
         return str(tmp_path / "got.pth")
 
     monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
@@ -372,16 +372,10 @@ def test_hub_download_tries_the_current_folder_then_the_other(tmp_path, monkeypa
     asked.clear()
     monkeypatch.setattr(
         "huggingface_hub.hf_hub_download",
-        lambda *a, **k: (_ for _ in ()).throw(RemoteEntryNotFoundError("404", response=_response(404))),
+        lambda *a, **k: (_ for _ in ()).throw(entry_not_found("404")),
     )
     with pytest.raises(CheckpointNotFoundError, match="checkpoints_deprecated/.* or checkpoints/.* is neither"):
         resolve_checkpoint(record)
-
-
-def _response(status):
-    import httpx2
-
-    return httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/nvidia/PiD"))
 
 
 def test_describe_checkpoint_never_downloads(tmp_path, monkeypatch):

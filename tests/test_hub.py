@@ -1,6 +1,5 @@
 """Hub failures become one line each (huggingface_hub's own exception classes, raised by a patched download)."""
 
-import httpx2
 import pytest
 from huggingface_hub import errors as hub_errors
 
@@ -16,9 +15,11 @@ from pid.hub import (
     translate_hub_error,
 )
 
+from hub_fakes import connect_error, entry_not_found, http_response
 
-def _response(status: int, url: str = "https://huggingface.co/nvidia/PiD") -> httpx2.Response:
-    return httpx2.Response(status, request=httpx2.Request("GET", url))
+
+def _response(status: int, url: str = "https://huggingface.co/nvidia/PiD"):
+    return http_response(status, url)
 
 
 def _raiser(exc: BaseException):
@@ -30,11 +31,11 @@ def _raiser(exc: BaseException):
 
 HUB_FAILURES = {
     "gated": (hub_errors.GatedRepoError("403 gated", response=_response(403)), HubGatedError),
-    "missing": (hub_errors.RemoteEntryNotFoundError("404 entry", response=_response(404)), HubFileMissingError),
+    "missing": (entry_not_found(), HubFileMissingError),
     "repo": (hub_errors.RepositoryNotFoundError("404 repo", response=_response(404)), HubRepoNotFoundError),
     "revision": (hub_errors.RevisionNotFoundError("404 rev", response=_response(404)), HubRevisionNotFoundError),
     "offline": (hub_errors.LocalEntryNotFoundError("not cached"), HubOfflineError),
-    "network": (httpx2.ConnectError("connection refused"), HubOfflineError),
+    "network": (connect_error(), HubOfflineError),
     "offline-mode": (hub_errors.OfflineModeIsEnabled("offline"), HubOfflineError),
 }
 
@@ -110,7 +111,7 @@ def test_latent_space_loads_pass_the_revision(no_local_copies, monkeypatch):
 
     def fake_download(repo, filename, revision=None, **kwargs):
         seen.append((repo, filename, revision))
-        raise hub_errors.RemoteEntryNotFoundError("404", response=_response(404))
+        raise entry_not_found("404")
 
     monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
     with pytest.raises(HubFileMissingError, match="checkpoints/ae.safetensors"):
