@@ -617,14 +617,7 @@ def load_pid_state_dict(path: str | os.PathLike, config_name: str | None = None)
     """Bare-named state dict of a PiD checkpoint, checked against `config_name` when given."""
     state = strip_network_prefix(read_checkpoint_file(path))
     if config_name is not None:
-        from pid.models import build_pid_net
-
-        skeleton = build_pid_net(config_name, device="meta")
-        expected = {k: v.shape for k, v in skeleton.state_dict().items()}
-        try:
-            check_state_dict(state, expected, config_name)
-        except CheckpointMismatchError as exc:
-            raise CheckpointMismatchError(f"{path}: {exc}") from None
+        check_network_fits(state, config_name, path, config_name)
     return state
 
 
@@ -637,7 +630,6 @@ def load_network_weights(
     else the record's. An embedded config must fit the record's latent space (same latent
     channels and latent stride), else a one-line `CheckpointMismatchError`.
     """
-    from pid.models import build_pid_net
 
     raw, embedded = read_checkpoint(path)
     state = strip_network_prefix(raw)
@@ -665,11 +657,19 @@ def load_network_weights(
                 "embed one with: python -m pid.convert <file> --net-config <name or JSON file>"
             )
         cfg = get_net_config(detected)
+    check_network_fits(state, cfg, path, released_name(cfg) or f"embedded {cfg.name}")
+    return cfg, state
+
+
+def check_network_fits(
+    state: Mapping[str, Tensor], cfg: PiDNetConfig | str, path: str | os.PathLike, label: str
+) -> None:
+    """Raise a CheckpointMismatchError naming `path` when `state` does not fit the network `cfg` (a config or a
+    released name), called `label` in the message."""
+    from pid.models import build_pid_net
+
     skeleton = build_pid_net(cfg, device="meta")
-    expected = {k: v.shape for k, v in skeleton.state_dict().items()}
-    label = released_name(cfg) or f"embedded {cfg.name}"
     try:
-        check_state_dict(state, expected, label)
+        check_state_dict(state, {k: v.shape for k, v in skeleton.state_dict().items()}, label)
     except CheckpointMismatchError as exc:
         raise CheckpointMismatchError(f"{path}: {exc}") from None
-    return cfg, state

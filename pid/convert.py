@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,12 +24,13 @@ from loguru import logger
 
 from pid.checkpoints import (
     NET_CONFIG_KEY,
-    check_state_dict,
+    check_network_fits,
     detect_net_config,
     read_checkpoint,
     strip_network_prefix,
 )
 from pid.errors import CheckpointMismatchError, ConfigError, PiDError
+from pid.inference.io import atomic_output
 from pid.models.configs import (
     PiDNetConfig,
     get_net_config,
@@ -89,42 +89,25 @@ def convert(
                 "<released name or JSON file of PiDNetConfig fields>"
             )
         cfg = get_net_config(detected)
-    _check_fits(bare, cfg, src)
+    check_network_fits(bare, cfg, src, cfg.name)
     name = released_name(cfg)
     config_value: str | dict = name if name is not None else net_config_to_dict(cfg)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-    os.close(fd)
-    try:
-        # safetensors needs contiguous, unshared storage; write to a temp file, then rename (atomic).
-        payload = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    # safetensors needs contiguous, unshared storage
+    payload = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    with atomic_output(dst) as tmp:
         if dst.suffix == ".safetensors":
             metadata = {
                 "format": "pt",
                 "source": src.name,
                 NET_CONFIG_KEY: config_value if isinstance(config_value, str) else json.dumps(config_value),
             }
-            save_file(payload, tmp, metadata=metadata)
+            save_file(payload, str(tmp), metadata=metadata)
         else:
             # A plain dict of str/int/float/bool next to the tensors: torch.load(weights_only=True) reads it.
             torch.save({"state_dict": payload, NET_CONFIG_KEY: config_value}, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     logger.info("wrote {} ({} tensors, network: {})", dst, len(payload), name or "custom config")
     return dst
-
-
-def _check_fits(state: dict, cfg: PiDNetConfig, src: Path) -> None:
-    from pid.models import build_pid_net
-
-    skeleton = build_pid_net(cfg, device="meta")
-    try:
-        check_state_dict(state, {k: v.shape for k, v in skeleton.state_dict().items()}, cfg.name)
-    except CheckpointMismatchError as exc:
-        raise CheckpointMismatchError(f"{src}: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

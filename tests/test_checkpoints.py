@@ -215,6 +215,26 @@ def test_convert_cli_writes_safetensors_with_same_names(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_converted_files_follow_the_umask(tmp_path, umask, mode):
+    import stat
+    from dataclasses import asdict
+
+    from pid.convert import convert
+
+    _, state = _tiny_state()
+    src = tmp_path / "model_ema_bf16.pth"
+    torch.save(state, src)
+    inline = json.dumps({k: v for k, v in asdict(tiny_config()).items() if v is not None})
+    old = os.umask(umask)
+    try:
+        outputs = [convert(src, tmp_path / "a.safetensors", net_config=inline),
+                   convert(src, tmp_path / "b.pth", net_config=inline)]
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in outputs] == [mode, mode]
+
+
 # ----------------------------------------------------------------------------------------------
 # Every (backbone, ckpt_type) pair of the upstream README (spec inference.md §1.2 + §1.2a)
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ Every write goes to a temporary file in the target folder, is fsynced, then rena
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -20,7 +21,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -374,25 +375,37 @@ def read_json_file(path: str | os.PathLike[str]) -> Any:
         raise InputError(f"{path} is not a readable JSON file ({type(err).__name__})") from None
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write `data` to `path` via a temp file in the same folder, fsync and `os.replace` (creates parent
-    folders)."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path in `path`'s folder to write to; on success it is fsynced and renamed over `path` with the
+    mode any new file of the user gets (0644 under umask 022), on failure removed. Creates parent folders.
+
+        with atomic_output("model.safetensors") as tmp:
+            save_file(tensors, tmp)
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        # mkstemp makes the file 0600; give it the mode any other new file of the user gets (0644 under umask 022)
-        os.fchmod(fd, 0o666 & ~_current_umask())
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        yield tmp
+        # mkstemp makes the file 0600; writers that replace the file (safetensors, torch.save) keep that mode
+        os.chmod(tmp, 0o666 & ~_current_umask())
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
+        os.replace(tmp, path)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write `data` to `path` atomically (see `atomic_output`)."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
