@@ -400,3 +400,20 @@ def test_settings_round_trip_and_are_plain():
     settings = from_ldm.load_config(["prompt=x", "save_xt_steps=22,24", "ldm_kwargs={a: 1}"])
     assert isinstance(settings, Settings) and settings.save_xt_steps == [22, 24] and settings.ldm_kwargs == {"a": 1}
     assert Settings(settings.to_dict()).to_dict() == settings.to_dict()
+
+
+def test_records_keep_non_finite_metrics_and_see_other_ranks_on_reload(tmp_path):
+    import math
+
+    from pid.inference.runs import RecordStore
+
+    mine, other = RecordStore(tmp_path, "from_clean"), RecordStore(tmp_path, "from_clean")
+    mine.check_layout(overwrite=False)
+    mine.save("a", {"item_key": "k", "rows": [{"sample_id": "a", "psnr": math.inf}]})
+    assert math.isinf(mine.rows()[0]["psnr"])  # identical images: +inf, a float as when read back
+    other.save("b", {"item_key": "k", "rows": [{"sample_id": "b", "psnr": 30.0}]})  # another rank's item
+    assert [r["sample_id"] for r in mine.rows()] == ["a"]
+    assert [r["sample_id"] for r in mine.rows(reload=True)] == ["a", "b"]
+    assert math.isinf(mine.rows()[0]["psnr"])
+    mine.forget("a")
+    assert not (tmp_path / "records" / "a.json").exists() and [r["sample_id"] for r in mine.rows()] == ["b"]

@@ -165,12 +165,10 @@ def entry_options(entry: EntryPoint, backbone: str | None = None) -> tuple[list[
 
 @dataclass
 class Command:
-    """A parsed command line: settings, whether to only plan (`dry_run`), and which keys the user gave."""
+    """A parsed command line: its settings, and whether to only print the plan (`dry_run`)."""
 
-    entry: str
     settings: Settings
     dry_run: bool
-    given: dict[str, str]  # option key -> how the user spelled it ("--prompt" or "prompt=")
 
 
 @dataclass
@@ -287,10 +285,7 @@ def convert_value(option: Option, values: list[str], spelled: str) -> Any:
                 return None
             return int(text)
         if kind == "size":
-            parts = [p for p in re.split(r"[,x\s]+", " ".join(values).strip().strip("[]'\"").lower()) if p]
-            numbers = [int(p) for p in parts]
-            if len(numbers) not in (1, 2) or any(n <= 0 for n in numbers):
-                raise ValueError
+            numbers = _size_numbers(" ".join(values))
             return numbers[0] if len(numbers) == 1 else numbers
         if kind == "ints":
             return [int(p) for p in _split_numbers(values)]
@@ -363,14 +358,12 @@ def parse_command(entry: EntryPoint, argv: Sequence[str]) -> Command:
     raw = _tokenize(list(argv), entry, {key: o.kind for key, o in options.items()})
     values = _compose_defaults(entry.name, backbone)
     values["backbone"]["name"] = backbone
-    given: dict[str, str] = {}
     dry_run = False
     upstream_ldm = values["backbone"].get("kind", "diffusers") != "diffusers"
     for item in raw:
         if upstream_ldm and item.spelled == "--resolution" and "ldm_resolution" in options:
             item.key = "ldm_resolution"  # upstream's --resolution for dinov2/siglip is the LDM's size
         if item.key == "backbone":
-            given["backbone"] = item.spelled
             continue
         if item.key == "dry_run":
             dry_run = convert_value(Option("dry_run", "bool", False, "", ""), item.values, item.spelled)
@@ -385,8 +378,7 @@ def parse_command(entry: EntryPoint, argv: Sequence[str]) -> Command:
         value = convert_value(option, item.values, item.spelled)
         target = values["backbone"] if item.key.startswith("backbone.") else values
         target[item.key.removeprefix("backbone.")] = value
-        given[item.key] = item.spelled
-    return Command(entry.name, Settings(values), bool(dry_run), given)
+    return Command(Settings(values), bool(dry_run))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -471,6 +463,15 @@ def wants_help(entry: EntryPoint, argv: Sequence[str]) -> bool:
 # Shared resolution helpers
 
 
+def _size_numbers(text: str) -> list[int]:
+    """`N`, `W,H`, `WxH`, `W H`, `[W,H]` (quotes tolerated) -> [N] or [W, H] of positive ints; else ValueError."""
+    parts = [p for p in re.split(r"[,x\s]+", text.strip().strip("[]'\"").lower()) if p]
+    numbers = [int(p) for p in parts]
+    if len(numbers) not in (1, 2) or any(n <= 0 for n in numbers):
+        raise ValueError(text)
+    return numbers
+
+
 def parse_resolution(value: Any) -> tuple[int, int] | None:
     """`N`, `[W, H]`, `"W,H"` or `"WxH"` -> (H, W); None stays None. Width first, as in the reference."""
     if value is None:
@@ -479,19 +480,11 @@ def parse_resolution(value: Any) -> tuple[int, int] | None:
         raise ConfigError(f"resolution must be N or W,H (e.g. 2048 or 2304,1728), got {value!r}")
     if isinstance(value, int | float):
         return int(value), int(value)
-    if isinstance(value, str):
-        parts = [p for p in re.split(r"[,x\s]+", value.strip().strip("[]").lower()) if p]
-    else:
-        parts = list(value)
     try:
-        numbers = [int(p) for p in parts]
+        numbers = _size_numbers(value if isinstance(value, str) else ",".join(str(int(p)) for p in value))
     except (TypeError, ValueError):
-        numbers = []
-    if len(numbers) == 1 and numbers[0] > 0:
-        return numbers[0], numbers[0]
-    if len(numbers) == 2 and all(n > 0 for n in numbers):
-        return numbers[1], numbers[0]
-    raise ConfigError(f"resolution must be N or W,H (e.g. 2048 or 2304,1728), got {value!r}")
+        raise ConfigError(f"resolution must be N or W,H (e.g. 2048 or 2304,1728), got {value!r}") from None
+    return (numbers[0], numbers[0]) if len(numbers) == 1 else (numbers[1], numbers[0])
 
 
 def chunk_setting(settings: Settings) -> int | str | None:

@@ -182,7 +182,7 @@ def run(settings: Settings, decoder: Any = None, latent_space: Any = None,
     mine = dist.shard(plan.samples, env.rank, env.world_size)
     failures: list[dict[str, Any]] = []
     todo: list[tuple[Sample, str, dict[str, Any], list[float], str]] = []
-    reasons: dict[str, str] = {}
+    reasons: dict[str, str] = {}  # sample_id -> why it is (re)done
     for _, sample in mine:
         if sample.missing:
             failures.append({"image": str(sample.image), "reason": sample.missing})
@@ -227,36 +227,27 @@ def run(settings: Settings, decoder: Any = None, latent_space: Any = None,
                 store.forget(sample.sample_id)
             try:
                 new_rows = _evaluate(settings, plan, decoder, latent_space, sample, sigmas, device, digest)
-            except PiDError as exc:
-                logger.error("{}: {}", sample.image, exc)
-                failures.append({"image": str(sample.image), "reason": str(exc)})
-                continue
-            except (RuntimeError, ValueError, OSError) as exc:  # keep going past one bad image
+            except (PiDError, RuntimeError, ValueError, OSError) as exc:  # keep going past one bad image
                 logger.opt(exception=exc).debug("{} failed", sample.image)
-                logger.error("{}: {}: {}", sample.image, type(exc).__name__, runs.first_line(exc))
-                failures.append({"image": str(sample.image), "reason": f"{type(exc).__name__}: {runs.first_line(exc)}"})
+                logger.error("{}: {}", sample.image, runs.describe_failure(exc))
+                failures.append({"image": str(sample.image), "reason": runs.describe_failure(exc)})
                 continue
             rows = sorted(kept + new_rows, key=lambda r: (r["sigma"], r["decoder"] != "vae"))
             store.save(sample.sample_id, {"item_key": key, "identity": identity, "index": sample.index,
                                           "sample_id": sample.sample_id, "image": str(sample.image), "rows": rows})
             if settings.get("report", True):
-                _write_tables(plan, store, [], write_plot=False)
+                _write_tables(plan, store, [], final=False)
                 runs.refresh_report(plan.out_dir)
-    gathered = dist.gather_objects({"failures": failures, "redone": runs.count_reasons(reasons.values()),
-                                    "done": len(todo)})
+    gathered = dist.gather_objects({"failures": failures, "redone": runs.count_reasons(reasons.values())})
     summary: dict[str, Any] = {}
     if dist.is_main():
         all_failures = [f for g in gathered for f in g["failures"]]
-        redone: dict[str, int] = {}
-        for g in gathered:
-            for why, n in g["redone"].items():
-                redone[why] = redone.get(why, 0) + n
+        redone = runs.merge_counts(g["redone"] for g in gathered)
         summary = _report(plan, store, all_failures, redone, plot=settings.plot)
         if settings.get("report", True):
             runs.refresh_report(plan.out_dir, final=True)
     dist.barrier()
-    failed = any(g["failures"] for g in gathered) if dist.is_main() else bool(failures)
-    summary["exit_code"] = EXIT_ITEMS_FAILED if failed else 0
+    summary["exit_code"] = EXIT_ITEMS_FAILED if any(g["failures"] for g in gathered) else 0
     return summary
 
 
@@ -340,10 +331,10 @@ def comparison_grid(target: torch.Tensor, vae: torch.Tensor, pid: torch.Tensor, 
     return canvas
 
 
-def _current_rows(plan: CleanPlan, store: runs.RecordStore) -> list[dict[str, Any]]:
-    """The rows of this run's images and sigmas, from every rank's records."""
+def _current_rows(plan: CleanPlan, store: runs.RecordStore, reload: bool) -> list[dict[str, Any]]:
+    """The rows of this run's images and sigmas (`reload`: from every rank's records on disk)."""
     current = {s.sample_id for s in plan.samples}
-    rows = [r for r in store.rows() if r["sample_id"] in current and r["sigma"] in plan.sigmas]
+    rows = [r for r in store.rows(reload) if r["sample_id"] in current and r["sigma"] in plan.sigmas]
     return sorted(rows, key=lambda r: (r["index"], r["sigma"], r["decoder"] != "vae"))
 
 
@@ -360,22 +351,23 @@ def _means(plan: CleanPlan, rows: list[dict[str, Any]]) -> dict[str, dict[str, d
 
 
 def _write_tables(plan: CleanPlan, store: runs.RecordStore, failures: list[dict[str, Any]],
-                  write_plot: bool, redone: dict[str, int] | None = None) -> dict[str, Any]:
-    rows = _current_rows(plan, store)
+                  final: bool, redone: dict[str, int] | None = None, plot: bool = False) -> dict[str, Any]:
+    """metrics.csv and summary.json (and metrics.png with `plot`); `final` reads every rank's records."""
+    rows = _current_rows(plan, store, reload=final)
     write_csv(plan.out_dir / "metrics.csv", rows)
     means = _means(plan, rows)
     summary = {"entry": "from_clean", "backbone": plan.backbone, "ckpt_type": plan.ckpt_type, "scale": plan.scale,
                "checkpoint": plan.checkpoint, "psnr_cap_db": 100.0, "means": means, "failures": failures,
                "redone": redone or {}, "output_dir": str(plan.out_dir)}
     runs.write_summary(plan.out_dir, summary)
-    if write_plot and means:
+    if plot and means:
         _plot(plan.out_dir / "metrics.png", means)
     return summary
 
 
 def _report(plan: CleanPlan, store: runs.RecordStore, failures: list[dict[str, Any]], redone: dict[str, int],
             plot: bool) -> dict[str, Any]:
-    summary = _write_tables(plan, store, failures, plot, redone)
+    summary = _write_tables(plan, store, failures, final=True, redone=redone, plot=plot)
     runs.write_failures(plan.out_dir, failures)
     lines = [f"{'sigma':>6}  {'decoder':<7} {'PSNR':>7} {'SSIM':>7} {'dE2000':>7}  n"]
     for sigma, per in summary["means"].items():

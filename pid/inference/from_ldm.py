@@ -388,14 +388,14 @@ def run(settings: Settings, pipe: Any = None, decoder: Any = None, source: Any =
     store = runs.RecordStore(plan.out_dir, entry="from_ldm")
     store.check_layout(overwrite=settings.overwrite)
     items = dist.shard(plan.prompts, env.rank, env.world_size)
-    todo, reasons = [], {}
+    todo, reasons = [], []
     for index, prompt in items:
         key, identity = runs.item_key({"prompt": prompt, "ldm_seed": int(settings.seed) + index, **plan.identity})
         reason = "overwrite" if settings.overwrite else store.needs_redo(sample_name(index), key, identity)
         if reason:
             todo.append((index, prompt, key, identity))
-            reasons[index] = reason
-    redone = runs.count_reasons(reasons.values())
+            reasons.append(reason)
+    redone = runs.count_reasons(reasons)
     logger.info("rank {}/{}: {} prompts, {} to do ({} up to date); outputs in {}", env.rank, env.world_size,
                 len(items), len(todo), len(items) - len(todo), plan.out_dir)
     summary: dict[str, Any] = {"rank": env.rank, "prompts": len(items), "skipped": len(items) - len(todo),
@@ -430,15 +430,10 @@ def run(settings: Settings, pipe: Any = None, decoder: Any = None, source: Any =
                 caption = getattr(source, "caption_for", lambda i, p: p)(index, prompt)
                 rows = _decode_and_save(settings, plan, decoder, source.space, index, caption, captures, ldm_s,
                                         steps_run, summary)
-            except PiDError as exc:
-                logger.error("[{}] {}", index, exc)
-                summary["failed"].append({"index": index, "prompt": prompt, "error": str(exc)})
-                continue
-            except (RuntimeError, ValueError, OSError) as exc:  # one bad prompt must not end the batch
+            except (PiDError, RuntimeError, ValueError, OSError) as exc:  # one bad prompt must not end the batch
                 logger.opt(exception=exc).debug("[{}] failed", index)
-                logger.error("[{}] {}: {}", index, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-                summary["failed"].append({"index": index, "prompt": prompt,
-                                          "error": f"{type(exc).__name__}: {runs.first_line(exc)}"})
+                logger.error("[{}] {}", index, runs.describe_failure(exc))
+                summary["failed"].append({"index": index, "prompt": prompt, "error": runs.describe_failure(exc)})
                 continue
             summary["ldm_s"] += ldm_s
             summary["steps_run"] += steps_run
@@ -450,9 +445,8 @@ def run(settings: Settings, pipe: Any = None, decoder: Any = None, source: Any =
                 runs.refresh_report(plan.out_dir)
     gathered = dist.gather_objects(summary)
     total = _merge(gathered)
-    exit_code = 0
     if dist.is_main():
-        store.write_metadata()
+        store.write_metadata(reload=True)  # every rank's records
         runs.write_failures(plan.out_dir, total["failed"])
         runs.write_summary(plan.out_dir, {
             "entry": "from_ldm", "backbone": plan.backbone, "ckpt_type": plan.ckpt_type,
@@ -463,7 +457,7 @@ def run(settings: Settings, pipe: Any = None, decoder: Any = None, source: Any =
             runs.refresh_report(plan.out_dir, final=True)
         _print_summary(plan, total)
     dist.barrier()
-    total["exit_code"] = EXIT_ITEMS_FAILED if total["failed"] else exit_code
+    total["exit_code"] = EXIT_ITEMS_FAILED if total["failed"] else 0
     return total if dist.is_main() else summary | {"exit_code": total["exit_code"]}
 
 
@@ -551,8 +545,7 @@ def _merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:
         for key in ("prompts", "skipped", "images", "ldm_s", "pid_s", "vae_s", "steps_run", "steps_skipped"):
             total[key] += s[key]
         total["failed"].extend(s["failed"])
-        for reason, count in s["redone"].items():
-            total["redone"][reason] = total["redone"].get(reason, 0) + count
+    total["redone"] = runs.merge_counts(s["redone"] for s in summaries)
     return total
 
 

@@ -367,10 +367,11 @@ def _current_umask() -> int:
 
 
 def read_json_file(path: str | os.PathLike[str]) -> Any:
-    """A JSON file's value; unreadable or invalid JSON is an InputError naming the file."""
+    """A JSON file's value, with the "inf"/"nan" strings `to_json` writes turned back into floats; unreadable or
+    invalid JSON is an InputError naming the file."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return restore_non_finite_values(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(f"{path} is not a readable JSON file ({type(err).__name__})") from None
 
@@ -496,13 +497,14 @@ def append_jsonl(path: str | os.PathLike[str], record: Mapping[str, Any]) -> Pat
 _NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
-def _restore_non_finite(value: Any) -> Any:
+def restore_non_finite_values(value: Any) -> Any:
+    """The strings "inf", "-inf" and "nan" (how `to_json` writes non-finite floats) as floats again."""
     if isinstance(value, str):
         return _NON_FINITE.get(value, value)
     if isinstance(value, dict):
-        return {k: _restore_non_finite(v) for k, v in value.items()}
+        return {k: restore_non_finite_values(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_restore_non_finite(v) for v in value]
+        return [restore_non_finite_values(v) for v in value]
     return value
 
 
@@ -518,7 +520,7 @@ def read_jsonl(path: str | os.PathLike[str], *, restore_non_finite: bool = True)
         if raw.strip():
             try:
                 record = json.loads(raw)
-                records.append(_restore_non_finite(record) if restore_non_finite else record)
+                records.append(restore_non_finite_values(record) if restore_non_finite else record)
             except json.JSONDecodeError as err:
                 raise InputError(f"JSONL file {path} line {number} is not valid JSON: {err.msg}") from None
     return records

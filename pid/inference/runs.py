@@ -14,12 +14,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pid.errors import CheckpointNotFoundError, ConfigError, InputError
-from pid.inference.io import atomic_write_text, build_run_tag, read_json_file, to_json, write_json
+from pid.errors import CheckpointNotFoundError, ConfigError, InputError, PiDError
+from pid.inference.io import (
+    atomic_write_text,
+    build_run_tag,
+    read_json_file,
+    restore_non_finite_values,
+    to_json,
+    write_json,
+)
 
 RECORDS = "records"
 LAYOUT_VERSION = 2
@@ -80,10 +88,9 @@ def require_decoder_file(checkpoint: Mapping[str, Any]) -> None:
 
     if checkpoint.get("local_file") or not constants.HF_HUB_OFFLINE:
         return
-    command = checkpoint.get("download_command") or f"hf download nvidia/PiD {checkpoint.get('hub_file')} --local-dir ."
     raise CheckpointNotFoundError(
-        f"the decoder {checkpoint.get('hub_file')} is not on this machine and HF_HUB_OFFLINE is set; download it "
-        f"with: {command}"
+        f"the decoder {checkpoint['hub_file']} is not on this machine and HF_HUB_OFFLINE is set; download it "
+        f"with: {checkpoint['download_command']}"
     )
 
 
@@ -138,10 +145,17 @@ def _changed(old: Any, new: Any, prefix: str = "", depth: int = 0) -> list[str]:
 
 
 def count_reasons(reasons: Iterable[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for reason in reasons:
-        counts[reason] = counts.get(reason, 0) + 1
-    return counts
+    return dict(Counter(reasons))
+
+
+def merge_counts(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    """Per-rank {reason: count} summed."""
+    return dict(sum((Counter(c) for c in counts), Counter()))
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for failures.jsonl and the summary: our own errors as they read, others with their type."""
+    return str(exc) if isinstance(exc, PiDError) else f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -165,6 +179,9 @@ class RecordStore:
     def __init__(self, run_dir: Path, entry: str) -> None:
         self.run_dir, self.entry = Path(run_dir), entry
         self.folder = self.run_dir / RECORDS
+        # name -> record, read from disk once and kept in step by save/forget, so rebuilding metadata.jsonl or
+        # metrics.csv after every item does not reread every record; `reload` picks up other ranks' records.
+        self._records: dict[str, dict[str, Any]] | None = None
 
     def check_layout(self, overwrite: bool) -> None:
         """Refuse to mix with results of the earlier layout (outputs without records/), then mark the folder as
@@ -180,22 +197,18 @@ class RecordStore:
     def path(self, name: str) -> Path:
         return self.folder / f"{name}.json"
 
-    def load(self, name: str) -> dict[str, Any] | None:
-        path = self.path(name)
-        if not path.is_file():
-            return None
-        try:
-            return read_json_file(path)
-        except (InputError, ValueError):
-            return None  # a damaged record is the same as none: the item is redone
+    def _records_by_name(self, reload: bool = False) -> dict[str, dict[str, Any]]:
+        if self._records is None or reload:
+            self._records = {}
+            for path in sorted(self.folder.glob("*.json")) if self.folder.is_dir() else []:
+                try:
+                    self._records[path.stem] = read_json_file(path)
+                except InputError:
+                    pass  # a damaged record is the same as none: the item is redone
+        return self._records
 
-    def load_all(self) -> list[dict[str, Any]]:
-        records = []
-        for path in sorted(self.folder.glob("*.json")) if self.folder.is_dir() else []:
-            record = self.load(path.stem)
-            if record is not None:
-                records.append(record)
-        return records
+    def load(self, name: str) -> dict[str, Any] | None:
+        return self._records_by_name().get(name)
 
     def files(self, record: Mapping[str, Any]) -> list[Path]:
         out = []
@@ -219,21 +232,25 @@ class RecordStore:
 
     def forget(self, name: str) -> None:
         """Remove an item's record, then its files (an item being redone leaves nothing stale behind)."""
-        record = self.load(name)
+        record = self._records_by_name().pop(name, None)
         self.path(name).unlink(missing_ok=True)
         if record is not None:
             for path in self.files(record):
                 path.unlink(missing_ok=True)
 
     def save(self, name: str, record: Mapping[str, Any]) -> None:
-        write_json(self.path(name), {"layout": LAYOUT_VERSION, "entry": self.entry, **record})
+        full = {"layout": LAYOUT_VERSION, "entry": self.entry, **record}
+        write_json(self.path(name), full)
+        self._records_by_name()[name] = restore_non_finite_values(json.loads(to_json(full)))  # as read back
 
-    def rows(self) -> list[dict[str, Any]]:
-        return [row for record in self.load_all() for row in record.get("rows", [])]
+    def rows(self, reload: bool = False) -> list[dict[str, Any]]:
+        """Every record's rows, by record name (sorted); `reload` rereads the folder (other ranks' records)."""
+        records = self._records_by_name(reload)
+        return [row for name in sorted(records) for row in records[name].get("rows", [])]
 
-    def write_metadata(self) -> None:
+    def write_metadata(self, reload: bool = False) -> None:
         """from_ldm's metadata.jsonl: one line per image, rebuilt from the records (sorted by index, step)."""
-        lines = [to_json(row, indent=None) for row in self.rows()]
+        lines = [to_json(row, indent=None) for row in self.rows(reload)]
         atomic_write_text(self.run_dir / "metadata.jsonl", "".join(line + "\n" for line in lines))
 
 
