@@ -47,6 +47,7 @@ from pid.inference.io import (
     sample_name,
     signed_to_uint8,
     step_label,
+    tag_safe,
     unit_to_uint8,
     write_image,
 )
@@ -282,7 +283,7 @@ def plan_run(settings: Settings) -> RunPlan:
     )
     ldm_tag = f"ldm{ldm_steps}" + (f"g{settings.guidance_scale}" if settings.guidance_scale is not None else "")
     if settings.model_id:
-        ldm_tag += "_" + runs.tag_safe(Path(str(settings.model_id)).name)
+        ldm_tag += "_" + tag_safe(Path(str(settings.model_id)).name)
     tag += f"_{ldm_tag}_{out_w}x{out_h}_seed{int(settings.seed)}"
     return RunPlan(
         backbone=backbone, kind=kind, record=record, checkpoint=checkpoint, scale=scale, output_size=output_size,

@@ -64,7 +64,7 @@ def sigma_dir(sigma: float) -> str:
     return f"sigma_{sigma:.3f}"
 
 
-def _tag_safe(text: str) -> str:
+def tag_safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
@@ -90,15 +90,15 @@ def build_run_tag(
     experiment = parent.parent.name if parent.name == "checkpoints" else parent.name
     parts = [backbone]
     if experiment:
-        parts.append(_tag_safe(experiment))
-    parts.append(_tag_safe(path.stem if path.suffix in (".pth", ".pt", ".safetensors") else path.name))
+        parts.append(tag_safe(experiment))
+    parts.append(tag_safe(path.stem if path.suffix in (".pth", ".pt", ".safetensors") else path.name))
     if cfg_scale is not None:
         parts.append(f"cfg{cfg_scale}")
     parts.append(f"steps{pid_steps}")
     if shift is not None:
         parts.append(f"shift{shift}")
     if note:
-        parts.append(f"note_{_tag_safe(note)}")
+        parts.append(f"note_{tag_safe(note)}")
     if weights:
         parts.append(weights)
     return "_".join(parts)

@@ -35,12 +35,6 @@ LAYOUT_VERSION = 2
 FILE_KEYS = ("pid", "vae", "compare", "input", "output", "grid")
 
 
-def tag_safe(text: str) -> str:
-    from pid.inference.io import _tag_safe
-
-    return _tag_safe(text)
-
-
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
