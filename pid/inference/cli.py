@@ -504,6 +504,9 @@ def resolve_decoder(settings: Settings) -> tuple[Any, int]:
     ckpt_type = None if settings.pid_ckpt_type is None else str(settings.pid_ckpt_type)
     record = lookup(settings.backbone.name, ckpt_type)
     warn_unused_sampler_knobs(settings, record)
+    if settings.scale is not None and int(settings.scale) < 1:
+        raise ConfigError(f"scale must be a positive integer (the {record.ckpt_type} decoder's is {record.scale}), "
+                          f"got {settings.scale}")
     scale = int(settings.scale) if settings.scale is not None else record.scale
     if scale != record.scale:
         logger.warning("scale={} differs from the {} decoder's training scale {}", scale, record.ckpt_type,
@@ -546,17 +549,11 @@ def check_pid_steps(settings: Settings, record: Any) -> int:
 
 
 def check_output_dir(path: str | os.PathLike[str]) -> Path:
-    """The output folder must be a folder (or creatable) and writable; checked before any model loads."""
+    """The output folder must be a folder, or creatable, and writable; checked before any model loads."""
+    from pid.inference.validate import check_writable_folder
+
     folder = Path(path).expanduser()
-    probe = folder
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise ConfigError(f"output_dir {folder}: {probe} is a file, not a folder; choose another output_dir")
-    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"output_dir {folder}: {probe} is not writable; choose another output_dir")
+    check_writable_folder(folder, "output_dir")
     return folder
 
 

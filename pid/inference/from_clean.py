@@ -14,6 +14,7 @@ the input size with antialiased bicubic (`pid.metrics.resize_to`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -28,7 +29,8 @@ from tqdm.auto import tqdm
 
 from pid.errors import ConfigError, PiDError
 from pid.inference import distributed as dist
-from pid.inference import runs
+from pid.inference import runs, validate
+from pid.inference.atomic import StagedFiles
 from pid.inference.cli import (
     EXIT_ITEMS_FAILED,
     EntryPoint,
@@ -48,6 +50,7 @@ from pid.inference.io import (
     load_image,
     read_manifest,
     sample_name,
+    sigma_dir,
     signed_to_uint8,
     unit_to_uint8,
     write_csv,
@@ -70,6 +73,7 @@ FROM_CLEAN = EntryPoint(
 )
 MODULE = "pid.inference.from_clean"
 METRICS = ("psnr", "ssim", "delta_e2000")
+SIGMA_DECIMALS = 3  # sigma_0.200/: two sigmas closer than this would share their files
 
 
 def load_config(argv: Sequence[str]) -> Settings:
@@ -124,11 +128,18 @@ def _sample_from(index: int, entry: ManifestEntry, fallback_prompt: str | None) 
 def plan_run(settings: Settings) -> CleanPlan:
     """Validate the settings and resolve every default; raises one-line ConfigError / InputError."""
     backbone = settings.backbone.name
+    validate.check_device(settings.get("device"))
+    validate.check_decode_settings(settings)
+    validate.check_text_encoder(settings.get("text_encoder"))
     record, scale = resolve_decoder(settings)
     sigmas = sorted({float(s) for s in (settings.degrade_sigmas if settings.degrade_sigmas is not None else [0.0])})
     bad = [s for s in sigmas if not 0.0 <= s <= 1.0 or math.isnan(s)]
     if bad or not sigmas:
         raise ConfigError(f"degrade_sigmas must be values in [0, 1], got {settings.degrade_sigmas}")
+    fine = [s for s in sigmas if round(s, SIGMA_DECIMALS) != s]
+    if fine:
+        raise ConfigError(f"degrade_sigmas have {SIGMA_DECIMALS} decimals at most (each names its folder, "
+                          f"{sigma_dir(fine[0])}/), got {fine[0]}; round it")
     if (settings.manifest is None) == (settings.input_path is None):
         raise ConfigError("give exactly one of manifest=images.jsonl or input_path=image.png")
     if settings.manifest is not None:
@@ -143,6 +154,7 @@ def plan_run(settings: Settings) -> CleanPlan:
     if settings.max_side is not None and settings.max_side < 16:
         raise ConfigError(f"max_side must be at least 16 px, got {settings.max_side}")
     pid_steps = check_pid_steps(settings, record)
+    validate.check_seeds(settings, len(samples))
     check_output_dir(settings.output_dir)
     checkpoint = runs.describe_decoder_file(record, settings)
     decoder = runs.decoder_identity(settings, record, checkpoint, scale, None, pid_steps, None)
@@ -154,12 +166,13 @@ def plan_run(settings: Settings) -> CleanPlan:
         cfg_scale=None if "pid_cfg_scale" in ignored else settings.pid_cfg_scale,
         shift=None if "pid_shift" in ignored else settings.pid_shift, note=settings.note or "",
     ) + f"_x{scale}_seed{int(settings.seed)}"
-    return CleanPlan(backbone, record, checkpoint, scale, sigmas, samples, pid_steps,
-                     Path(settings.output_dir).expanduser() / tag, identity)
+    out_dir = Path(settings.output_dir).expanduser() / tag
+    validate.check_writable_folder(out_dir, "run folder")
+    return CleanPlan(backbone, record, checkpoint, scale, sigmas, samples, pid_steps, out_dir, identity)
 
 
 def _paths(plan: CleanPlan, sample: Sample, sigma: float, fmt: str) -> dict[str, Path]:
-    folder = f"sigma_{sigma:.3f}"
+    folder = sigma_dir(sigma)
     return {
         "input": plan.out_dir / "input" / f"{sample.sample_id}.{fmt}",
         "pid": plan.out_dir / "pid" / folder / f"{sample.sample_id}.{fmt}",
@@ -183,6 +196,7 @@ def run(settings: Settings, decoder: Any = None, latent_space: Any = None,
     failures: list[dict[str, Any]] = []
     todo: list[tuple[Sample, str, dict[str, Any], list[float], str]] = []
     reasons: dict[str, str] = {}  # sample_id -> why it is (re)done
+    current: dict[str, str] = {}  # sample_id -> item key of this run's images
     for _, sample in mine:
         if sample.missing:
             failures.append({"image": str(sample.image), "reason": sample.missing})
@@ -194,6 +208,7 @@ def run(settings: Settings, decoder: Any = None, latent_space: Any = None,
             continue
         key, identity = runs.item_key({"image_sha256": digest, "prompt": sample.prompt,
                                        "seed": int(settings.seed) + sample.index, **plan.identity})
+        current[sample.sample_id] = key
         reason = "overwrite" if settings.overwrite else store.needs_redo(sample.sample_id, key, identity)
         sigmas = list(plan.sigmas)
         if reason is None:
@@ -203,6 +218,7 @@ def run(settings: Settings, decoder: Any = None, latent_space: Any = None,
         if reason:
             todo.append((sample, key, identity, sigmas, digest))
             reasons[sample.sample_id] = reason
+    store.current = current
     logger.info("rank {}/{}: {} images, {} to do; outputs in {}", env.rank, env.world_size, len(mine), len(todo),
                 plan.out_dir)
     if todo:
@@ -223,36 +239,44 @@ def run(settings: Settings, decoder: Any = None, latent_space: Any = None,
             kept: list[dict[str, Any]] = []
             if reasons[sample.sample_id] == "new sigma":
                 kept = store.load(sample.sample_id)["rows"]  # type: ignore[index]
-            else:
-                store.forget(sample.sample_id)
+            # The previous record and files stay until this image's new files are all written (StagedFiles).
             try:
-                new_rows = _evaluate(settings, plan, decoder, latent_space, sample, sigmas, device, digest)
-            except (PiDError, RuntimeError, ValueError, OSError) as exc:  # keep going past one bad image
+                with StagedFiles() as staged:
+                    new_rows = _evaluate(settings, plan, decoder, latent_space, sample, sigmas, device, digest, staged)
+                    rows = sorted(kept + new_rows, key=lambda r: (r["sigma"], r["decoder"] != "vae"))
+                    store.replace(sample.sample_id, {"item_key": key, "identity": identity, "index": sample.index,
+                                                     "sample_id": sample.sample_id, "image": str(sample.image),
+                                                     "rows": rows}, staged)
+            except Exception as exc:  # whatever one image raises ends only that image
                 logger.opt(exception=exc).debug("{} failed", sample.image)
                 logger.error("{}: {}", sample.image, runs.describe_failure(exc))
                 failures.append({"image": str(sample.image), "reason": runs.describe_failure(exc)})
                 continue
-            rows = sorted(kept + new_rows, key=lambda r: (r["sigma"], r["decoder"] != "vae"))
-            store.save(sample.sample_id, {"item_key": key, "identity": identity, "index": sample.index,
-                                          "sample_id": sample.sample_id, "image": str(sample.image), "rows": rows})
             if settings.get("report", True):
-                _write_tables(plan, store, [], final=False)
+                with contextlib.suppress(OSError):  # kept current as images finish; the final write reports
+                    _write_tables(plan, store, [], final=False)
                 runs.refresh_report(plan.out_dir)
-    gathered = dist.gather_objects({"failures": failures, "redone": runs.count_reasons(reasons.values())})
+    gathered = dist.gather_objects({"failures": failures, "redone": runs.count_reasons(reasons.values()),
+                                    "current": current})
     summary: dict[str, Any] = {}
+    write_failed = False
     if dist.is_main():
         all_failures = [f for g in gathered for f in g["failures"]]
         redone = runs.merge_counts(g["redone"] for g in gathered)
-        summary = _report(plan, store, all_failures, redone, plot=settings.plot)
+        store.current = runs.current_items((s.sample_id for s in plan.samples if s.missing is None),
+                                           (g["current"] for g in gathered))
+        summary, write_failed = _report(plan, store, all_failures, redone, plot=settings.plot)
         if settings.get("report", True):
             runs.refresh_report(plan.out_dir, final=True)
     dist.barrier()
-    summary["exit_code"] = EXIT_ITEMS_FAILED if any(g["failures"] for g in gathered) else 0
+    failed = any(g["failures"] for g in gathered) or write_failed
+    summary["exit_code"] = EXIT_ITEMS_FAILED if failed else 0
     return summary
 
 
 def _evaluate(settings: Settings, plan: CleanPlan, decoder, space, sample: Sample, sigmas: list[float], device,
-              digest: str) -> list[dict[str, Any]]:
+              digest: str, staged: StagedFiles) -> list[dict[str, Any]]:
+    """Encode, noise and decode one image at every sigma; stage its images, return its metric rows."""
     image = load_image(sample.image, multiple=space.size_multiple, max_side=settings.max_side)  # [1,3,H,W] in [-1,1]
     height, width = image.shape[-2:]
     min_side = space.size_multiple
@@ -260,7 +284,7 @@ def _evaluate(settings: Settings, plan: CleanPlan, decoder, space, sample: Sampl
         raise ConfigError(f"image {sample.image} is smaller than one latent cell ({min_side} px)")
     fmt = settings.save_format
     input_path = _paths(plan, sample, sigmas[0], fmt)["input"]
-    write_image(input_path, signed_to_uint8(image[0]))
+    write_image(staged.path(input_path), signed_to_uint8(image[0]), fmt=input_path.suffix)
     target = ((image + 1) / 2).clamp(0, 1)
     with torch.no_grad():
         clean = space.encode(image.to(device)).float()
@@ -284,9 +308,9 @@ def _evaluate(settings: Settings, plan: CleanPlan, decoder, space, sample: Sampl
             seed=seed, output_size=output_size, cfg_scale=settings.pid_cfg_scale, shift=settings.pid_shift,
         ).cpu()
         pid_s = time.perf_counter() - start
-        write_image(paths["vae"], unit_to_uint8(vae[0]))
-        write_image(paths["pid"], unit_to_uint8(pid[0]))
-        write_image(paths["grid"], comparison_grid(target[0], vae[0], pid[0]))
+        write_image(staged.path(paths["vae"]), unit_to_uint8(vae[0]), fmt=paths["vae"].suffix)
+        write_image(staged.path(paths["pid"]), unit_to_uint8(pid[0]), fmt=paths["pid"].suffix)
+        write_image(staged.path(paths["grid"]), comparison_grid(target[0], vae[0], pid[0]), fmt=".png")
         for name, decoded, seconds in (("vae", vae, vae_s), ("pid", pid, pid_s)):
             scores = summarize(resize_to(decoded, (height, width)), target)
             rows.append({
@@ -332,9 +356,8 @@ def comparison_grid(target: torch.Tensor, vae: torch.Tensor, pid: torch.Tensor, 
 
 
 def _current_rows(plan: CleanPlan, store: runs.RecordStore, reload: bool) -> list[dict[str, Any]]:
-    """The rows of this run's images and sigmas (`reload`: from every rank's records on disk)."""
-    current = {s.sample_id for s in plan.samples}
-    rows = [r for r in store.rows(reload) if r["sample_id"] in current and r["sigma"] in plan.sigmas]
+    """The rows of this run's images (`store.current`) and sigmas (`reload`: every rank's records on disk)."""
+    rows = [r for r in store.rows(reload) if r["sigma"] in plan.sigmas]
     return sorted(rows, key=lambda r: (r["index"], r["sigma"], r["decoder"] != "vae"))
 
 
@@ -366,9 +389,18 @@ def _write_tables(plan: CleanPlan, store: runs.RecordStore, failures: list[dict[
 
 
 def _report(plan: CleanPlan, store: runs.RecordStore, failures: list[dict[str, Any]], redone: dict[str, int],
-            plot: bool) -> dict[str, Any]:
-    summary = _write_tables(plan, store, failures, final=True, redone=redone, plot=plot)
-    runs.write_failures(plan.out_dir, failures)
+            plot: bool) -> tuple[dict[str, Any], bool]:
+    """Write the tables and failures.jsonl and print the means; (summary, whether a file could not be written)."""
+    summary: dict[str, Any] = {}
+
+    def tables() -> None:
+        summary.update(_write_tables(plan, store, failures, final=True, redone=redone, plot=plot))
+
+    errors = [runs.try_write("metrics.csv and summary.json", tables),
+              runs.try_write("failures.jsonl", lambda: runs.write_failures(plan.out_dir, failures))]
+    if not summary:  # the tables could not be written: the means are still printed
+        summary = {"means": _means(plan, _current_rows(plan, store, reload=True)), "failures": failures,
+                   "redone": redone}
     lines = [f"{'sigma':>6}  {'decoder':<7} {'PSNR':>7} {'SSIM':>7} {'dE2000':>7}  n"]
     for sigma, per in summary["means"].items():
         for name, vals in per.items():
@@ -379,7 +411,7 @@ def _report(plan: CleanPlan, store: runs.RecordStore, failures: list[dict[str, A
     print(f"images redone: {done}; failed: {len(failures)}; outputs: {plan.out_dir}")
     for failure in failures:
         print(f"FAILED {failure['image']}: {failure['reason']}")
-    return summary
+    return summary, any(errors)
 
 
 def _plot(path: Path, means: dict[str, dict[str, dict[str, float]]]) -> None:

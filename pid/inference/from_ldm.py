@@ -15,6 +15,7 @@ changed, or whose files are missing.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,9 +26,10 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
-from pid.errors import ConfigError, PiDError
+from pid.errors import ConfigError
 from pid.inference import distributed as dist
-from pid.inference import runs
+from pid.inference import runs, validate
+from pid.inference.atomic import StagedFiles
 from pid.inference.cli import (
     EXIT_ITEMS_FAILED,
     EntryPoint,
@@ -42,12 +44,12 @@ from pid.inference.cli import (
     unused_sampler_knobs,
 )
 from pid.inference.io import (
+    distinct_tag,
     make_comparison,
     resolve_prompt_file,
     sample_name,
     signed_to_uint8,
     step_label,
-    tag_safe,
     unit_to_uint8,
     write_image,
 )
@@ -182,6 +184,10 @@ def plan_run(settings: Settings) -> RunPlan:
 
     backbone, kind = settings.backbone.name, settings.backbone.kind
     upstream = kind != "diffusers"
+    validate.check_device(settings.get("device"))
+    validate.check_decode_settings(settings)
+    validate.check_text_encoder(settings.get("text_encoder"))
+    validate.check_ldm_kwargs(backbone, settings.get("ldm_kwargs"), diffusers=not upstream)
     if upstream:
         from pid.inference import rae_flows
 
@@ -259,9 +265,7 @@ def plan_run(settings: Settings) -> RunPlan:
     if bad:
         raise ConfigError(f"save_xt_steps {bad} out of range [1, {ldm_steps}] (the LDM runs {ldm_steps} steps)")
     pid_steps = check_pid_steps(settings, record)
-    for key in ("pid_batch", "pid_tile_overlap"):
-        if settings.get(key) is not None and settings.get(key) < (1 if key == "pid_batch" else 0):
-            raise ConfigError(f"{key} must be >= {1 if key == 'pid_batch' else 0}, got {settings.get(key)}")
+    validate.check_seeds(settings, len(prompts))
     check_output_dir(settings.output_dir)
     checkpoint = runs.describe_decoder_file(record, settings)
     pid_seed = int(settings.seed if settings.pid_seed is None else settings.pid_seed)
@@ -283,13 +287,15 @@ def plan_run(settings: Settings) -> RunPlan:
     )
     ldm_tag = f"ldm{ldm_steps}" + (f"g{settings.guidance_scale}" if settings.guidance_scale is not None else "")
     if settings.model_id:
-        ldm_tag += "_" + tag_safe(Path(str(settings.model_id)).name)
+        ldm_tag += "_" + distinct_tag(Path(str(settings.model_id)).name)
     tag += f"_{ldm_tag}_{out_w}x{out_h}_seed{int(settings.seed)}"
+    out_dir = Path(settings.output_dir).expanduser() / tag
+    validate.check_writable_folder(out_dir, "run folder")
     return RunPlan(
         backbone=backbone, kind=kind, record=record, checkpoint=checkpoint, scale=scale, output_size=output_size,
         ldm_size=ldm_size, ldm_model=ldm_model, prompts=prompts, capture_steps=capture_steps, ldm_steps=ldm_steps,
         ldm_stop_at=stop_at, pid_steps=pid_steps, pid_seed=pid_seed, dtype=DTYPES[settings.dtype],
-        out_dir=Path(settings.output_dir).expanduser() / tag, identity=identity,
+        out_dir=out_dir, identity=identity,
     )
 
 
@@ -389,19 +395,21 @@ def run(settings: Settings, pipe: Any = None, decoder: Any = None, source: Any =
     store = runs.RecordStore(plan.out_dir, entry="from_ldm")
     store.check_layout(overwrite=settings.overwrite)
     items = dist.shard(plan.prompts, env.rank, env.world_size)
-    todo, reasons = [], []
+    todo, reasons, current = [], [], {}
     for index, prompt in items:
         key, identity = runs.item_key({"prompt": prompt, "ldm_seed": int(settings.seed) + index, **plan.identity})
+        current[sample_name(index)] = key
         reason = "overwrite" if settings.overwrite else store.needs_redo(sample_name(index), key, identity)
         if reason:
             todo.append((index, prompt, key, identity))
             reasons.append(reason)
+    store.current = current
     redone = runs.count_reasons(reasons)
     logger.info("rank {}/{}: {} prompts, {} to do ({} up to date); outputs in {}", env.rank, env.world_size,
                 len(items), len(todo), len(items) - len(todo), plan.out_dir)
     summary: dict[str, Any] = {"rank": env.rank, "prompts": len(items), "skipped": len(items) - len(todo),
                                "redone": redone, "images": 0, "failed": [], "ldm_s": 0.0, "pid_s": 0.0,
-                               "vae_s": 0.0, "steps_run": 0, "steps_skipped": 0}
+                               "vae_s": 0.0, "steps_run": 0, "steps_skipped": 0, "current": current}
     if todo:
         # PiD (and Gemma) first: when memory is short, every caption is encoded now and Gemma leaves
         # the GPU before the LDM arrives, so the two never share it.
@@ -422,43 +430,52 @@ def run(settings: Settings, pipe: Any = None, decoder: Any = None, source: Any =
             source = make_source(settings, plan, device, pipe)
         for index, prompt, key, identity in tqdm(todo, desc=f"prompts (rank {env.rank})", disable=not dist.is_main()):
             name = sample_name(index)
-            store.forget(name)  # the old record and its files go first: nothing stale survives a failure
+            # The previous record and files stay until this item's new files are all written (StagedFiles):
+            # a failure half-way, or a bad setting, loses nothing that was finished.
             try:
-                start = time.perf_counter()
-                captures = source.generate(index, prompt)
-                ldm_s = time.perf_counter() - start
-                steps_run = int(getattr(source, "last_steps_run", plan.ldm_steps))
-                caption = getattr(source, "caption_for", lambda i, p: p)(index, prompt)
-                rows = _decode_and_save(settings, plan, decoder, source.space, index, caption, captures, ldm_s,
-                                        steps_run, summary)
-            except (PiDError, RuntimeError, ValueError, OSError) as exc:  # one bad prompt must not end the batch
+                with StagedFiles() as staged:
+                    start = time.perf_counter()
+                    captures = source.generate(index, prompt)
+                    ldm_s = time.perf_counter() - start
+                    steps_run = int(getattr(source, "last_steps_run", plan.ldm_steps))
+                    caption = getattr(source, "caption_for", lambda i, p: p)(index, prompt)
+                    rows, counts = _decode_and_save(settings, plan, decoder, source.space, index, caption, captures,
+                                                    ldm_s, steps_run, staged)
+                    store.replace(name, {"item_key": key, "identity": identity, "index": index, "prompt": prompt,
+                                         "rows": rows}, staged)
+            except Exception as exc:  # whatever one prompt raises (diffusers: IndexError too) ends only that prompt
                 logger.opt(exception=exc).debug("[{}] failed", index)
                 logger.error("[{}] {}", index, runs.describe_failure(exc))
                 summary["failed"].append({"index": index, "prompt": prompt, "error": runs.describe_failure(exc)})
                 continue
+            for field_name, value in counts.items():
+                summary[field_name] += value
             summary["ldm_s"] += ldm_s
             summary["steps_run"] += steps_run
             summary["steps_skipped"] += plan.ldm_steps - steps_run
-            store.save(name, {"item_key": key, "identity": identity, "index": index, "prompt": prompt,
-                              "rows": rows})
-            store.write_metadata()
+            with contextlib.suppress(OSError):  # kept current as items finish; the final write reports problems
+                store.write_metadata()
             if settings.get("report", True):
                 runs.refresh_report(plan.out_dir)
     gathered = dist.gather_objects(summary)
     total = _merge(gathered)
+    write_errors: list[str | None] = []
     if dist.is_main():
-        store.write_metadata(reload=True)  # every rank's records
-        runs.write_failures(plan.out_dir, total["failed"])
-        runs.write_summary(plan.out_dir, {
+        store.current = runs.current_items((sample_name(i) for i in range(len(plan.prompts))),
+                                           (s["current"] for s in gathered))
+        write_errors.append(runs.try_write("metadata.jsonl", lambda: store.write_metadata(reload=True)))
+        write_errors.append(runs.try_write("failures.jsonl", lambda: runs.write_failures(plan.out_dir,
+                                                                                         total["failed"])))
+        write_errors.append(runs.try_write("summary.json", lambda: runs.write_summary(plan.out_dir, {
             "entry": "from_ldm", "backbone": plan.backbone, "ckpt_type": plan.ckpt_type,
             "checkpoint": plan.checkpoint, "output_dir": str(plan.out_dir),
             **{k: v for k, v in total.items() if k != "failed"}, "failed": len(total["failed"]),
-        })
+        })))
         if settings.get("report", True):
             runs.refresh_report(plan.out_dir, final=True)
         _print_summary(plan, total)
     dist.barrier()
-    total["exit_code"] = EXIT_ITEMS_FAILED if total["failed"] else 0
+    total["exit_code"] = EXIT_ITEMS_FAILED if total["failed"] or any(write_errors) else 0
     return total if dist.is_main() else summary | {"exit_code": total["exit_code"]}
 
 
@@ -486,8 +503,9 @@ def precompute_captions(decoder, captions: list[str]) -> None:
 
 def _decode_and_save(settings: Settings, plan: RunPlan, decoder, space, index: int, caption: str,
                      captures: list[Capture], ldm_s: float, steps_run: int,
-                     summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """Decode one prompt's captures with PiD and the baseline, write the images, return the metadata rows."""
+                     staged: StagedFiles) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Decode one prompt's captures with PiD and the baseline and stage their images; returns the metadata rows
+    and the item's counts for the summary (images, pid_s, vae_s), added only once the item is done."""
     from pid.inference.cli import chunk_setting
 
     embeds = decoder.encode_captions([caption])  # once per prompt, reused for every captured step
@@ -508,18 +526,20 @@ def _decode_and_save(settings: Settings, plan: RunPlan, decoder, space, index: i
         seconds = (time.perf_counter() - t0) / len(group)
         decoded.extend((image[None], seconds) for image in images)
     rows = []
+    counts = {"images": 0, "pid_s": 0.0, "vae_s": 0.0}
     for item, (image, pid_s) in zip(captures, decoded, strict=True):
         paths = output_paths(plan.out_dir, index, item.label, settings.save_format)
         t0 = time.perf_counter()
         with torch.no_grad():
             baseline = space.decode(item.latent).float().clamp(-1, 1)  # [1, 3, h, w] in [-1, 1]
         vae_s = time.perf_counter() - t0
-        summary["vae_s"] += vae_s
-        summary["pid_s"] += pid_s
-        write_image(paths["vae"], signed_to_uint8(baseline[0]))
-        write_image(paths["pid"], unit_to_uint8(image[0]))
+        counts["vae_s"] += vae_s
+        counts["pid_s"] += pid_s
+        fmt = paths["pid"].suffix
+        write_image(staged.path(paths["vae"]), signed_to_uint8(baseline[0]), fmt=fmt)
+        write_image(staged.path(paths["pid"]), unit_to_uint8(image[0]), fmt=fmt)
         if settings.comparison:
-            write_image(paths["compare"], make_comparison((baseline[0] + 1) / 2, image[0]))
+            write_image(staged.path(paths["compare"]), make_comparison((baseline[0] + 1) / 2, image[0]), fmt=fmt)
         ldm_step = None if item.label == "x0" else int(item.label.removesuffix("xt"))
         rows.append({
             "index": index, "prompt": caption, "step": item.label, "ldm_step": ldm_step, "sigma": item.sigma,
@@ -533,9 +553,9 @@ def _decode_and_save(settings: Settings, plan: RunPlan, decoder, space, index: i
             "seconds": {"ldm": round(ldm_s, 4), "vae": round(vae_s, 4), "pid": round(pid_s, 4)},
             "denoiser_steps": {"run": steps_run, "skipped": plan.ldm_steps - steps_run},
         })
-        summary["images"] += 1
+        counts["images"] += 1
         logger.info("[{}] step={} sigma={:.4f} -> {}", index, item.label, item.sigma, paths["pid"])
-    return rows
+    return rows, counts
 
 
 def _merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:

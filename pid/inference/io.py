@@ -7,21 +7,18 @@ Value ranges (each function says which it takes):
   signed: uint8(clamp(x, -1, 1) + 1) * 127.5), unit: uint8(clamp(x, 0, 1) * 255).
 
 Every write goes to a temporary file in the target folder, is fsynced, then renamed over the target with
-`os.replace`, so a crash never leaves a partial file under the final name.
+`os.replace`, so a crash never leaves a partial file under the final name (`pid.inference.atomic`, whose names are
+re-exported here).
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
+import hashlib
 import io
 import json
-import math
 import os
 import re
-import tempfile
-import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +29,19 @@ from loguru import logger
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pid.errors import InputError
-
-try:
-    import fcntl  # advisory locks for append_jsonl; absent on Windows
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+from pid.inference.atomic import (  # noqa: F401  (re-exported: the writers' historical home)
+    StagedFiles,
+    append_jsonl,
+    atomic_output,
+    atomic_write_bytes,
+    atomic_write_text,
+    read_json_file,
+    remove_stale_temps,
+    restore_non_finite_values,
+    to_json,
+    write_csv,
+    write_json,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 JPEG_QUALITY = 95
@@ -66,6 +71,16 @@ def sigma_dir(sigma: float) -> str:
 
 def tag_safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def distinct_tag(text: str) -> str:
+    """`text` as a folder-name part that two different texts never share: `tag_safe(text)` when that keeps it
+    as typed, else the safe part and a short hash of the text (`猫` and `犬`, `a,b` and `a-b` stay apart)."""
+    safe = tag_safe(text)
+    if safe == text:
+        return safe
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+    return f"{safe}-{digest}" if safe else digest
 
 
 def build_run_tag(
@@ -98,7 +113,7 @@ def build_run_tag(
     if shift is not None:
         parts.append(f"shift{shift}")
     if note:
-        parts.append(f"note_{tag_safe(note)}")
+        parts.append(f"note_{distinct_tag(note)}")
     if weights:
         parts.append(weights)
     return "_".join(parts)
@@ -339,175 +354,6 @@ def read_manifest(path: str | os.PathLike[str], *, check_images: bool = False) -
     return entries
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # not supported (e.g. Windows); the rename itself is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-_UMASK_LOCK = threading.Lock()
-
-
-def _current_umask() -> int:
-    with _UMASK_LOCK:  # reading the umask means setting it: keep other threads out meanwhile
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return mask
-
-
-def read_json_file(path: str | os.PathLike[str]) -> Any:
-    """A JSON file's value, with the "inf"/"nan" strings `to_json` writes turned back into floats; unreadable or
-    invalid JSON is an InputError naming the file."""
-    path = Path(path)
-    try:
-        return restore_non_finite_values(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path} is not a readable JSON file ({type(err).__name__})") from None
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """A temporary path in `path`'s folder to write to; on success it is fsynced and renamed over `path` with the
-    mode any new file of the user gets (0644 under umask 022), on failure removed. Creates parent folders.
-
-        with atomic_output("model.safetensors") as tmp:
-            save_file(tensors, tmp)
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        # mkstemp makes the file 0600; writers that replace the file (safetensors, torch.save) keep that mode
-        os.chmod(tmp, 0o666 & ~_current_umask())
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write `data` to `path` atomically (see `atomic_output`)."""
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    if isinstance(value, torch.dtype | torch.device):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _json_safe_floats(value: Any) -> Any:
-    # JSON has no inf/nan: write them as strings ("inf") so every reader can parse the file.
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, Mapping):
-        return {k: _json_safe_floats(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe_floats(v) for v in value]
-    return value
-
-
-def to_json(obj: Any, *, indent: int | None = 2) -> str:
-    """JSON text with Paths, tensors and numpy values converted, and inf/nan written as strings."""
-    plain = json.loads(json.dumps(obj, default=_json_default))
-    return json.dumps(_json_safe_floats(plain), indent=indent, ensure_ascii=False, allow_nan=False)
-
-
-def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Atomically write `obj` as indented JSON."""
-    return atomic_write_text(path, to_json(obj) + "\n")
-
-
-def write_csv(
-    path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], fieldnames: Sequence[str] | None = None
-) -> Path:
-    """Atomically write rows as CSV; columns are `fieldnames` or every key in first-seen order."""
-    if fieldnames is None:
-        seen: dict[str, None] = {}
-        for row in rows:
-            seen.update(dict.fromkeys(row))
-        fieldnames = list(seen)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(fieldnames), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write_text(path, buffer.getvalue())
-
-
-def append_jsonl(path: str | os.PathLike[str], record: Mapping[str, Any]) -> Path:
-    """Append one JSON line to `path` (e.g. metadata.jsonl) so concurrent writers never interleave or tear
-    lines.
-
-    One `write` on an O_APPEND descriptor under an exclusive `flock` (where available), then fsync. A line
-    left without its newline by an earlier crash is terminated first, so the new record stays parseable.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = to_json(record, indent=None).encode("utf-8") + b"\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # released by close()
-        size = os.fstat(fd).st_size
-        if size > 0:
-            with open(path, "rb") as reader:
-                reader.seek(size - 1)
-                if reader.read(1) != b"\n":
-                    line = b"\n" + line
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path
-
-
-_NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
-
-
-def restore_non_finite_values(value: Any) -> Any:
-    """The strings "inf", "-inf" and "nan" (how `to_json` writes non-finite floats) as floats again."""
-    if isinstance(value, str):
-        return _NON_FINITE.get(value, value)
-    if isinstance(value, dict):
-        return {k: restore_non_finite_values(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [restore_non_finite_values(v) for v in value]
-    return value
-
-
 def read_jsonl(path: str | os.PathLike[str], *, restore_non_finite: bool = True) -> list[dict[str, Any]]:
     """Every JSON object in a JSONL file (blank lines skipped); a bad line raises InputError naming it.
 
@@ -574,10 +420,12 @@ def encode_image(image: np.ndarray, suffix: str, *, quality: int = JPEG_QUALITY)
     return buffer.getvalue()
 
 
-def write_image(path: str | os.PathLike[str], image: np.ndarray, *, quality: int = JPEG_QUALITY) -> Path:
-    """Atomically write an (H, W, 3) uint8 RGB image; the format follows the extension (.png, .jpg, .jpeg)."""
+def write_image(path: str | os.PathLike[str], image: np.ndarray, *, quality: int = JPEG_QUALITY,
+                fmt: str | None = None) -> Path:
+    """Atomically write an (H, W, 3) uint8 RGB image; the format follows the extension (.png, .jpg, .jpeg), or
+    `fmt` (a suffix such as ".png") for a path without one (a staged temporary file)."""
     path = Path(path)
-    return atomic_write_bytes(path, encode_image(image, path.suffix, quality=quality))
+    return atomic_write_bytes(path, encode_image(image, fmt or path.suffix, quality=quality))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -2,32 +2,46 @@
 
 Every output item (a prompt of from_ldm, an image of from_clean) has an identity: everything that decides its
 pixels (prompt or image content, seeds, LDM and decoder settings, the decoder file). Its record,
-`records/<name>.json`, is written atomically after its images and names that identity, its rows and its files.
-A re-run compares identities: an item whose identity changed, or whose files are missing, is redone (its old
-record and files are removed first, so nothing stale survives a failure); the rest are kept. `metadata.jsonl`
-(from_ldm) and `metrics.csv` (from_clean) are rebuilt atomically from the records, so they always hold exactly
-one current entry per item, whatever sequence of kills, resumes and overwrites came before.
+`records/<name>.json`, is written atomically after its images and names that identity, its rows, its files and
+their sizes. A re-run compares identities: an item whose identity changed, or whose files are missing or of
+another size (truncated), is redone; the rest are kept.
+
+Nothing finished is lost to a failed redo: the new files of an item are staged under temporary names and renamed
+into place together once all are written (`StagedFiles`), then its record is replaced, and only then are the
+previous files it no longer names removed. An item whose redo fails keeps its previous record and files.
+
+`metadata.jsonl` (from_ldm) and `metrics.csv` (from_clean) are rebuilt atomically from the records of the
+current items only (`RecordStore.current`: an item removed from the inputs, or whose redo failed, is not shown),
+so they always hold exactly one current entry per item, whatever sequence of kills, resumes, edits and
+overwrites came before. Records of items no longer current stay in `records/`, so restoring an input line finds
+its result again.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from loguru import logger
+
 from pid.errors import CheckpointNotFoundError, ConfigError, InputError, PiDError
-from pid.inference.io import (
+from pid.inference.atomic import (
+    StagedFiles,
     atomic_write_text,
-    build_run_tag,
     read_json_file,
+    remove_stale_temps,
     restore_non_finite_values,
     to_json,
     write_json,
 )
+from pid.inference.io import build_run_tag
 
 RECORDS = "records"
 LAYOUT_VERSION = 2
@@ -89,12 +103,13 @@ def require_decoder_file(checkpoint: Mapping[str, Any]) -> None:
 
 
 def file_identity(checkpoint: Mapping[str, Any], revision: str | None = None) -> dict[str, Any]:
-    """A local file by path, size and modification time; a hub file (or its cached copy) by hub path and
-    revision, so the first download does not make a finished run look changed."""
+    """A local file by its real path (however it was spelled: `../x/f` and `/abs/x/f` are one file), size and
+    modification time; a hub file (or its cached copy) by hub path and revision, so the first download does not
+    make a finished run look changed."""
     local = checkpoint.get("local_file")
     if local and not _in_hub_cache(Path(local)):
         stat = Path(local).stat()
-        return {"path": str(Path(local).absolute()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        return {"path": str(Path(local).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     return {"hub_file": checkpoint.get("hub_file"), "revision": revision or "main"}
 
 
@@ -147,9 +162,20 @@ def merge_counts(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
     return dict(sum((Counter(c) for c in counts), Counter()))
 
 
+_WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                 errno.EPERM: "permission denied"}
+
+
 def describe_failure(exc: BaseException) -> str:
-    """One line for failures.jsonl and the summary: our own errors as they read, others with their type."""
-    return str(exc) if isinstance(exc, PiDError) else f"{type(exc).__name__}: {first_line(exc)}"
+    """One line for failures.jsonl and the summary: our own errors as they read, a full disk or a read-only
+    folder in words with the file, others with their type."""
+    if isinstance(exc, PiDError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in _WRITE_ERRORS:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return f"{_WRITE_ERRORS[exc.errno]}{where}"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -176,6 +202,9 @@ class RecordStore:
         # name -> record, read from disk once and kept in step by save/forget, so rebuilding metadata.jsonl or
         # metrics.csv after every item does not reread every record; `reload` picks up other ranks' records.
         self._records: dict[str, dict[str, Any]] | None = None
+        # name -> item key of every item of the current inputs (None where another rank knows it); only their
+        # records are shown. None: every record.
+        self.current: dict[str, str | None] | None = None
 
     def check_layout(self, overwrite: bool) -> None:
         """Refuse to mix with results of the earlier layout (outputs without records/), then mark the folder as
@@ -187,6 +216,8 @@ class RecordStore:
                 raise ConfigError(f"{self.run_dir} holds results of an earlier pid version ({legacy[0]} without "
                                   f"records/); choose another output_dir, or pass overwrite=true to redo them")
         self.folder.mkdir(parents=True, exist_ok=True)
+        for path in remove_stale_temps(self.run_dir):  # left by a killed write
+            logger.info("removed {}, left by an interrupted write", relative(path, self.run_dir))
 
     def path(self, name: str) -> Path:
         return self.folder / f"{name}.json"
@@ -205,12 +236,12 @@ class RecordStore:
         return self._records_by_name().get(name)
 
     def files(self, record: Mapping[str, Any]) -> list[Path]:
-        out = []
+        out: dict[Path, None] = {}
         for row in record.get("rows", []):
             for key in FILE_KEYS:
                 if row.get(key):
-                    out.append(self.run_dir / row[key])
-        return out
+                    out[self.run_dir / row[key]] = None
+        return list(out)
 
     def needs_redo(self, name: str, key: str, identity: Mapping[str, Any]) -> str | None:
         """None when the item is done and current; else why it must be (re)done."""
@@ -220,9 +251,27 @@ class RecordStore:
         if record.get("item_key") != key:
             changed = _changed(record.get("identity", {}), dict(identity))
             return "changed: " + ", ".join(changed[:3]) if changed else "changed"
-        if not all(p.is_file() and p.stat().st_size > 0 for p in self.files(record)):
-            return "files missing"
+        sizes = record.get("sizes", {})
+        for path in self.files(record):
+            if not path.is_file():
+                return "files missing"
+            size = path.stat().st_size
+            if size == 0 or size != sizes.get(relative(path, self.run_dir), size):
+                return "files damaged"  # truncated or rewritten since the record was made
         return None
+
+    def replace(self, name: str, record: Mapping[str, Any], staged: StagedFiles) -> None:
+        """Finish an item: its staged files go into place, its record (with their sizes) replaces the previous
+        one, and only then are the previous files it no longer names removed."""
+        previous = self.load(name)
+        staged.commit()
+        sizes = {relative(p, self.run_dir): p.stat().st_size for p in self.files(record)}
+        self.save(name, {**record, "sizes": sizes})
+        if previous is not None:
+            keep = set(self.files(record))
+            for path in self.files(previous):
+                if path not in keep:
+                    path.unlink(missing_ok=True)
 
     def forget(self, name: str) -> None:
         """Remove an item's record, then its files (an item being redone leaves nothing stale behind)."""
@@ -238,27 +287,57 @@ class RecordStore:
         self._records_by_name()[name] = restore_non_finite_values(json.loads(to_json(full)))  # as read back
 
     def rows(self, reload: bool = False) -> list[dict[str, Any]]:
-        """Every record's rows, by record name (sorted); `reload` rereads the folder (other ranks' records)."""
+        """The rows of the current items' records, by record name (sorted); `reload` rereads the folder (other
+        ranks' records)."""
         records = self._records_by_name(reload)
-        return [row for name in sorted(records) for row in records[name].get("rows", [])]
+        current = self.current
+        shown = sorted(name for name, record in records.items()
+                       if current is None or (name in current and current[name] in (None, record.get("item_key"))))
+        return [row for name in shown for row in records[name].get("rows", [])]
 
     def write_metadata(self, reload: bool = False) -> None:
         """from_ldm's metadata.jsonl: one line per image, rebuilt from the records (sorted by index, step)."""
         lines = [to_json(row, indent=None) for row in self.rows(reload)]
-        atomic_write_text(self.run_dir / "metadata.jsonl", "".join(line + "\n" for line in lines))
+        write_if_changed(self.run_dir / "metadata.jsonl", "".join(line + "\n" for line in lines))
+
+
+def current_items(names: Iterable[str], known: Iterable[Mapping[str, str]]) -> dict[str, str | None]:
+    """Every current item name, with the item keys the ranks computed (gathered); None where none came back."""
+    current: dict[str, str | None] = dict.fromkeys(names)
+    for keys in known:
+        current.update(keys)
+    return current
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    """Atomic write, skipped when the file already holds `text` (a finished run rerun changes nothing)."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    atomic_write_text(path, text)
 
 
 def write_failures(run_dir: Path, failures: list[dict[str, Any]]) -> None:
-    """failures.jsonl lists the latest run's failed items with their reasons (removed when none failed)."""
-    path = Path(run_dir) / "failures.jsonl"
-    if failures:
-        atomic_write_text(path, "".join(to_json(f, indent=None) + "\n" for f in failures))
-    else:
-        path.unlink(missing_ok=True)
+    """failures.jsonl lists the latest run's failed items with their reasons (empty when none failed)."""
+    write_if_changed(Path(run_dir) / "failures.jsonl", "".join(to_json(f, indent=None) + "\n" for f in failures))
 
 
 def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> None:
     write_json(Path(run_dir) / "summary.json", summary)
+
+
+def try_write(what: str, write: Callable[[], Any]) -> str | None:
+    """Run one of the end-of-run writes; a full disk or a read-only folder becomes one printed line (returned)
+    instead of a traceback, so the rest of the summary still appears and the exit code can say so."""
+    try:
+        write()
+    except OSError as exc:
+        line = f"could not write {what}: {describe_failure(exc)}"
+        print(f"error: {line}", file=sys.stderr)
+        return line
+    return None
 
 
 def refresh_report(run_dir: Path, final: bool = False) -> None:
