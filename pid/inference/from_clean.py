@@ -53,6 +53,7 @@ from pid.inference.io import (
     write_csv,
     write_image,
 )
+from pid.inference.lifecycle import report_item_failure
 from pid.metrics import resize_to, summarize
 from pid.tiling import decode_within_memory
 
@@ -228,9 +229,8 @@ def run(settings: Settings, decoder: Any = None, latent_space: Any = None,
             try:
                 new_rows = _evaluate(settings, plan, decoder, latent_space, sample, sigmas, device, digest)
             except (PiDError, RuntimeError, ValueError, OSError) as exc:  # keep going past one bad image
-                logger.opt(exception=exc).debug("{} failed", sample.image)
-                logger.error("{}: {}", sample.image, runs.describe_failure(exc))
-                failures.append({"image": str(sample.image), "reason": runs.describe_failure(exc)})
+                reason = report_item_failure(str(sample.image), exc, debug=settings.get("debug", False))
+                failures.append({"image": str(sample.image), "reason": reason})
                 continue
             rows = sorted(kept + new_rows, key=lambda r: (r["sigma"], r["decoder"] != "vae"))
             store.save(sample.sample_id, {"item_key": key, "identity": identity, "index": sample.index,

@@ -51,6 +51,7 @@ from pid.inference.io import (
     unit_to_uint8,
     write_image,
 )
+from pid.inference.lifecycle import report_item_failure
 from pid.tiling import decode_within_memory
 
 COMMON_FLAGS = {
@@ -432,9 +433,8 @@ def run(settings: Settings, pipe: Any = None, decoder: Any = None, source: Any =
                 rows = _decode_and_save(settings, plan, decoder, source.space, index, caption, captures, ldm_s,
                                         steps_run, summary)
             except (PiDError, RuntimeError, ValueError, OSError) as exc:  # one bad prompt must not end the batch
-                logger.opt(exception=exc).debug("[{}] failed", index)
-                logger.error("[{}] {}", index, runs.describe_failure(exc))
-                summary["failed"].append({"index": index, "prompt": prompt, "error": runs.describe_failure(exc)})
+                reason = report_item_failure(f"[{index}]", exc, debug=settings.get("debug", False))
+                summary["failed"].append({"index": index, "prompt": prompt, "error": reason})
                 continue
             summary["ldm_s"] += ldm_s
             summary["steps_run"] += steps_run
