@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -97,6 +98,8 @@ def test_stop_signal_keeps_finished_items_and_exits_128_plus_signal(hub_cache_en
             assert (run_dir / row["pid"]).is_file()
 
 
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="signal handlers can only be set from the main thread")
 def test_stop_signals_raise_once_then_ignore_and_respect_an_ignored_signal():
     before = signal.getsignal(signal.SIGTERM)
     state = lifecycle.StopState()
