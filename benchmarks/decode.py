@@ -121,7 +121,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--reference", type=Path, help="checkout of nv-tlabs/PiD: time its network on the same inputs"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("."), help="folder for decode_benchmark.{json,md}")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for decode_benchmark.{json,md} (default: a new folder under $XDG_CACHE_HOME/pid/benchmarks)",
+    )
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -682,12 +687,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "results": results,
     }
+    args.out = args.out or default_out_dir()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decode_benchmark.json").write_text(json.dumps(report, indent=1) + "\n")
     md = markdown(report)
     (args.out / "decode_benchmark.md").write_text(md)
     print(md)
+    print(f"written: {args.out / 'decode_benchmark.json'} and decode_benchmark.md")
     return report
+
+
+def default_out_dir() -> Path:
+    """A fresh folder outside the checkout: $XDG_CACHE_HOME/pid/benchmarks/<UTC time> (~/.cache by default),
+    so a benchmark run leaves the working tree clean and never overwrites an earlier result."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return cache / "pid" / "benchmarks" / stamp
 
 
 def _summary(row: dict[str, Any]) -> str:

@@ -13,6 +13,10 @@ turned into one line that names the repo, the file and the fix:
     revision missing      -> HubRevisionNotFoundError
     offline / no network  -> HubOfflineError: the exact `hf download ...` command
 
+Without a network the hub libraries retry every file five times (about 23 s each) before failing;
+`go_offline_if_unreachable()` checks once, at the start of a CLI run, and switches the process to the
+local cache (HF_HUB_OFFLINE) so a missing file fails at once, in one line, with its download command.
+
 All are `pid.errors.CheckpointNotFoundError`s, so existing handlers keep working. The token is always
 `huggingface_hub.get_token()` (HF_TOKEN, then the `hf auth login` token file): nothing here reads the
 environment by hand.
@@ -21,6 +25,7 @@ environment by hand.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,6 +74,56 @@ def is_offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
+
+
+# The hub host this process found unreachable (and so switched to offline mode), if any.
+_UNREACHABLE_HOST: str | None = None
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
+
+
+def _hub_address() -> tuple[str, int]:
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub endpoint (HF_ENDPOINT) opens within `timeout` seconds."""
+    try:
+        with socket.create_connection(_hub_address(), timeout=timeout):
+            return True
+    except OSError:  # no route, refused, DNS failure, timeout
+        return False
+
+
+def go_offline_if_unreachable(timeout: float = 3.0) -> bool:
+    """True when this process works from the local cache only: HF_HUB_OFFLINE was set, or the hub cannot be
+    reached now, in which case offline mode is switched on for the rest of the process (so no library retries
+    each file). Not checked behind a proxy (a direct connection says nothing there)."""
+    global _UNREACHABLE_HOST
+    if is_offline():
+        return True
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES) or hub_reachable(timeout):
+        return False
+    from huggingface_hub import constants
+    from loguru import logger
+
+    host, _ = _hub_address()
+    _UNREACHABLE_HOST = host
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub, transformers and diffusers
+    logger.debug("{} cannot be reached: using files already on this machine only", host)
+    return True
+
+
+def offline_reason() -> str:
+    """Why the hub is not asked: in the words of a one-line error ("... and <reason>; download it with ...")."""
+    if _UNREACHABLE_HOST is not None:
+        return f"the Hugging Face hub ({_UNREACHABLE_HOST}) cannot be reached"
+    return "HF_HUB_OFFLINE is set" if is_offline() else "the Hugging Face hub cannot be reached"
 
 
 def download_command(
@@ -194,7 +249,7 @@ def translate_hub_error(
             f"{filename or 'the requested file'} is not in the {repo} repo{at}; check the file name "
             f"(see {HUB_URL}/{repo}/tree/{revision or 'main'})"
         )
-    reason = "HF_HUB_OFFLINE is set" if is_offline() else "the Hugging Face hub cannot be reached"
+    reason = offline_reason()
     command = command or download_command(repo, filename, revision)
     return HubOfflineError(f"{target}{at} is not in the local cache and {reason}; download it with: {command}")
 

@@ -9,7 +9,8 @@ inside Gemma but never given to PiD — the released networks attend to the pad 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,6 +48,20 @@ NEGATIVE_PROMPT = (
     "low quality, worst quality, over-saturated, three legs, six fingers, cartoon, anime, cgi, low res, "
     "blurry, deformed, distortion, duplicated limbs, plastic skin, jpeg artifacts, watermark"
 )
+
+
+@contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """transformers' "Loading weights" bar off for one load (a library call prints nothing), then as it was."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -122,7 +137,8 @@ class CaptionEncoder(nn.Module):
             text_config = getattr(config, "text_config", None) or config
             if hasattr(text_config, "attn_logit_softcapping"):
                 text_config.attn_logit_softcapping = None
-            model = AutoModel.from_pretrained(name_or_path, config=config, dtype=dtype, **load)
+            with _no_loading_bar():
+                model = AutoModel.from_pretrained(name_or_path, config=config, dtype=dtype, **load)
         except catchable_errors() as exc:
             local = Path(str(name_or_path)).expanduser()
             if local.exists():

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -238,31 +237,6 @@ def test_from_clean_exit_1_with_failures_listed_and_verbatim_caption(hub_cache_e
     rows = list(csv.DictReader((run_dir / "metrics.csv").open(encoding="utf-8")))
     assert len(rows) == 2 and {r["prompt"] for r in rows} == {HARD}
     assert "FAILED" in done.stdout and "broken.png" in done.stdout
-
-
-@pytest.mark.slow
-def test_ctrl_c_exits_130_and_a_rerun_resumes(hub_cache_env, tmp_path):
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("\n".join(f"prompt number {i}" for i in range(40)) + "\n")
-    out = tmp_path / "out"
-    args = [sys.executable, "-m", "pid.inference.from_ldm", *TINY, f"prompt_file={prompts}", f"output_dir={out}",
-            _ldm_kwargs()]
-    proc = subprocess.Popen(args, env=hub_cache_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(out.rglob("records/*.json")):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
-    assert "interrupted" in err and "Traceback" not in err
-    [run_dir] = out.iterdir()
-    done_before = len(list((run_dir / "records").glob("*.json")))
-    assert 1 <= done_before < 40
-    # every record on disk is complete: its images exist
-    for record in (run_dir / "records").glob("*.json"):
-        for row in json.loads(record.read_text())["rows"]:
-            assert (run_dir / row["pid"]).is_file()
 
 
 # ------------------------------------------------------------------------------------------------------------

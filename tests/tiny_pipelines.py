@@ -16,9 +16,11 @@ config) must ask for `fresh=True`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,13 +130,16 @@ def _transformers_major() -> int:
     return int(transformers.__version__.split(".")[0])
 
 
-def _bpe_files(vocab: dict[str, int], merges: list[tuple[str, str]]) -> tuple[str, str]:
-    """vocab.json + merges.txt in a temporary folder: a BPE tokenizer source transformers 4 and 5 both accept
-    (5 also takes in-memory dicts; 4 only file paths)."""
-    folder = Path(tempfile.mkdtemp(prefix="pid-tiny-tokenizer-"))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    return str(folder / "vocab.json"), str(folder / "merges.txt")
+@contextlib.contextmanager
+def _bpe_files(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+    """vocab.json + merges.txt in a temporary folder that is removed afterwards: a BPE tokenizer source
+    transformers 4 and 5 both accept (5 also takes in-memory dicts; 4 only file paths). The tokenizer reads
+    them when built, so build it inside the block."""
+    with tempfile.TemporaryDirectory(prefix="pid-tiny-tokenizer-") as name:
+        folder = Path(name)
+        (folder / "vocab.json").write_text(json.dumps(vocab))
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        yield str(folder / "vocab.json"), str(folder / "merges.txt")
 
 
 @functools.cache
@@ -146,7 +151,8 @@ def clip_tokenizer() -> Any:
     merges = [("t", "h"), ("th", "e</w>")]  # tuples: "a b" strings raise in tokenizers 0.23
     vocab_list += ["th", "the</w>", "<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(vocab_list)}
-    tok = CLIPTokenizer(*_bpe_files(vocab, merges))
+    with _bpe_files(vocab, merges) as files:
+        tok = CLIPTokenizer(*files)
     tok.model_max_length = 77
     return tok
 
@@ -208,13 +214,14 @@ def qwen_tokenizer() -> Any:
     merges = [("t", "h"), ("th", "e")]
     vocab_list = chars + ["th", "the", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(vocab_list)}
-    tok = Qwen2Tokenizer(
-        *_bpe_files(vocab, merges),
-        unk_token=None,
-        bos_token=None,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-    )
+    with _bpe_files(vocab, merges) as files:
+        tok = Qwen2Tokenizer(
+            *files,
+            unk_token=None,
+            bos_token=None,
+            eos_token="<|endoftext|>",
+            pad_token="<|endoftext|>",
+        )
     tok.add_special_tokens({"additional_special_tokens": _QWEN_SPECIALS})
     tok.chat_template = _QWEN_CHAT_TEMPLATE
     tok.model_max_length = 1024

@@ -12,8 +12,9 @@ byte for byte — no Hydra grammar, no interpolation — so commas, quotes, brac
 leading dashes and non-ASCII text all work. Hydra composes the defaults (the `backbone` group) and stops here:
 the rest of the program reads plain Python values.
 
-Exit codes: 0 every item done; 1 some items failed (listed in the summary and in failures.jsonl); 2 bad input
-before any work; 130 interrupted.
+Exit codes: 0 every item done; 1 some items failed (listed in the summary and in failures.jsonl) or an
+unexpected error (one line; `debug=true` for the traceback); 2 bad input before any work; 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM, e.g. Slurm preemption). Under torchrun a complete run exits 0 (see `plan_or_run`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 import textwrap
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ from typing import Any
 
 from pid.config_files import check_config_dir, config_dir
 from pid.errors import ConfigError, PiDError
+from pid.inference import lifecycle
 
 CONFIG_DIR = config_dir()
 
@@ -426,6 +430,7 @@ def help_text(entry: EntryPoint, module: str) -> str:
         lines.append("accepted upstream flags that change nothing here: " + ", ".join(sorted(entry.no_effect)))
         lines.append("")
     lines += ["exit codes: 0 all items done, 1 some items failed (see failures.jsonl), 2 bad input, 130 interrupted",
+              "(Ctrl-C), 143 terminated (SIGTERM); under torchrun a complete run exits 0 (failures in failures.jsonl)",
               "--dry_run (or dry_run=true): resolve everything, print the plan as one JSON object, load nothing"]
     return "\n".join(lines) + "\n"
 
@@ -571,18 +576,40 @@ def rank_and_world() -> tuple[int, int]:
 
 def run_cli(entry: EntryPoint, module: str, main: Callable[[Command], int | None],
             argv: Sequence[str] | None = None) -> int:
-    """Parse, print help or run; turn `PiDError`s into one line on stderr and exit code 2."""
+    """Parse, print help or run; one line and an exit code for every way a run can end (see the module doc).
+
+    argv=None means the CLI owns the process (`python -m ...`, the console scripts): it then sets up the log
+    sink and ignores stop signals once the run is over, so the exit code is always its own. Called with argv
+    (tests, embedding), it leaves the caller's log sinks and signal handlers as they were.
+    """
     from loguru import logger
 
+    owns_process = argv is None
     logger.enable("pid")  # a CLI shows pid's logs; the library is quiet again afterwards (main() in-process)
     args = list(sys.argv[1:] if argv is None else argv)
+    stop = lifecycle.StopState()
     try:
-        return _run_entry(entry, module, main, args)
+        with lifecycle.stop_signals(stop, restore=not owns_process):
+            code = _run_entry(entry, module, main, args, owns_process)
+    except KeyboardInterrupt as exc:  # a stop signal that surfaced outside _run_entry's own handler
+        code = _interrupted(exc)
     finally:
         logger.disable("pid")
+    if stop.exit_code is not None:  # even if something swallowed the interrupt: the run was stopped
+        code = stop.exit_code
+    return code
 
 
-def _run_entry(entry: EntryPoint, module: str, main: Callable[[Command], int | None], args: list[str]) -> int:
+def _interrupted(exc: BaseException) -> int:
+    signum = getattr(exc, "signum", signal.SIGINT)
+    name = signal.Signals(signum).name
+    print(f"interrupted ({name}); finished outputs are kept and a re-run resumes", file=sys.stderr, flush=True)
+    return lifecycle.exit_code_for_signal(signum)
+
+
+def _run_entry(entry: EntryPoint, module: str, main: Callable[[Command], int | None], args: list[str],
+               owns_process: bool = False) -> int:
+    debug = False
     try:
         if wants_help(entry, args):
             backbone = next((a.split("=", 1)[1] for a in args if a.startswith("backbone=")), None)
@@ -592,29 +619,55 @@ def _run_entry(entry: EntryPoint, module: str, main: Callable[[Command], int | N
             sys.stdout.write(text)
             return EXIT_OK
         command = parse_command(entry, args)
+        debug = bool(command.settings.get("debug", False))
+        if owns_process:
+            lifecycle.configure_cli_logging(debug)
         code = main(command)
     except PiDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted; finished outputs are kept and a re-run resumes", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
+    except Exception as exc:  # nobody anticipated it: one line, the traceback only on request
+        if debug:
+            traceback.print_exc()
+        print(lifecycle.unexpected_error_line(exc), file=sys.stderr)
+        return EXIT_ITEMS_FAILED
     return EXIT_OK if code is None else int(code)
 
 
 def plan_or_run(command: Command, plan_run: Callable[[Settings], Any], run: Callable[..., dict[str, Any]]) -> int:
-    """Resolve the command into its plan; print it (`--dry_run`) or run it. The exit code of the run."""
+    """Resolve the command into its plan; print it (`--dry_run`) or run it. The exit code of the run.
+
+    A run that fails to start (or is stopped before any output) leaves no folder it created. Under torchrun
+    (WORLD_SIZE > 1) a complete run exits 0 on every rank even when items failed: any non-zero worker exit
+    makes torchrun print a ChildFailedError traceback as if the job had crashed. Rank 0 says how many items
+    failed, and they are in failures.jsonl and summary.json's `failed`.
+    """
+    from pid.hub import go_offline_if_unreachable
     from pid.inference import distributed as dist
 
     plan = plan_run(command.settings)
+    rank, world = rank_and_world()
     if command.dry_run:
-        rank, world = rank_and_world()
         print_plan(plan.describe(rank, world))
         return EXIT_OK
+    go_offline_if_unreachable()  # once, before the first download: no per-file retries without a network
+    created = lifecycle.first_missing(plan.out_dir)
     try:
-        return int(run(command.settings, plan=plan).get("exit_code", EXIT_OK))
+        code = int(run(command.settings, plan=plan).get("exit_code", EXIT_OK))
+    except BaseException:
+        if created is not None:
+            lifecycle.remove_empty_tree(created)
+        raise
     finally:
         dist.cleanup()
+    if world > 1 and code == EXIT_ITEMS_FAILED:
+        if rank == 0:
+            print("some items failed (listed above, in failures.jsonl and summary.json); exit status 0 under "
+                  "torchrun, which reports any non-zero rank as a crash", file=sys.stderr)
+        return EXIT_OK
+    return code
 
 
 def print_plan(plan: Mapping[str, Any]) -> None:

@@ -56,6 +56,7 @@ from pid.inference.io import (
     write_csv,
     write_image,
 )
+from pid.inference.lifecycle import report_item_failure
 from pid.metrics import resize_to, summarize
 from pid.tiling import decode_within_memory
 
@@ -248,9 +249,8 @@ def run(settings: Settings, decoder: Any = None, latent_space: Any = None,
                                                      "sample_id": sample.sample_id, "image": str(sample.image),
                                                      "rows": rows}, staged)
             except Exception as exc:  # whatever one image raises ends only that image
-                logger.opt(exception=exc).debug("{} failed", sample.image)
-                logger.error("{}: {}", sample.image, runs.describe_failure(exc))
-                failures.append({"image": str(sample.image), "reason": runs.describe_failure(exc)})
+                reason = report_item_failure(str(sample.image), exc, debug=settings.get("debug", False))
+                failures.append({"image": str(sample.image), "reason": reason})
                 continue
             if settings.get("report", True):
                 with contextlib.suppress(OSError):  # kept current as images finish; the final write reports

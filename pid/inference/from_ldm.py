@@ -53,6 +53,7 @@ from pid.inference.io import (
     unit_to_uint8,
     write_image,
 )
+from pid.inference.lifecycle import report_item_failure
 from pid.tiling import decode_within_memory
 
 COMMON_FLAGS = {
@@ -444,9 +445,8 @@ def run(settings: Settings, pipe: Any = None, decoder: Any = None, source: Any =
                     store.replace(name, {"item_key": key, "identity": identity, "index": index, "prompt": prompt,
                                          "rows": rows}, staged)
             except Exception as exc:  # whatever one prompt raises (diffusers: IndexError too) ends only that prompt
-                logger.opt(exception=exc).debug("[{}] failed", index)
-                logger.error("[{}] {}", index, runs.describe_failure(exc))
-                summary["failed"].append({"index": index, "prompt": prompt, "error": runs.describe_failure(exc)})
+                reason = report_item_failure(f"[{index}]", exc, debug=settings.get("debug", False))
+                summary["failed"].append({"index": index, "prompt": prompt, "error": reason})
                 continue
             for field_name, value in counts.items():
                 summary[field_name] += value

@@ -94,10 +94,12 @@ def require_decoder_file(checkpoint: Mapping[str, Any]) -> None:
     """Offline and absent: stop before anything loads, with the download command."""
     from huggingface_hub import constants
 
+    from pid.hub import offline_reason
+
     if checkpoint.get("local_file") or not constants.HF_HUB_OFFLINE:
         return
     raise CheckpointNotFoundError(
-        f"the decoder {checkpoint['hub_file']} is not on this machine and HF_HUB_OFFLINE is set; download it "
+        f"the decoder {checkpoint['hub_file']} is not on this machine and {offline_reason()}; download it "
         f"with: {checkpoint['download_command']}"
     )
 

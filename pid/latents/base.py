@@ -163,7 +163,11 @@ def finish_module(module: nn.Module, device: torch.device, dtype: torch.dtype) -
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         if tensor.is_meta:
             raise CheckpointMismatchError(f"{type(module).__name__}.{name} was never loaded")
-    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # diffusers' ModelMixin.to warns about fp32 modules whenever a dtype is given, even when it has none
+    # (`... should be kept in float32: []`); with none to keep, torch's own `to` is the same move, silently.
+    keep_fp32 = getattr(module, "_keep_in_fp32_modules", None)
+    move = nn.Module.to if isinstance(module, nn.Module) and not keep_fp32 else type(module).to
+    return move(module, device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
