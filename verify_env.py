@@ -132,6 +132,16 @@ def run_checks(
     return rows
 
 
+def _fit(head: str, detail: str) -> str:
+    """One row within WIDTH columns: the detail beside the name when it fits, else on indented lines below,
+    with paths and commands kept whole (only a word longer than a line is cut)."""
+    if len(head) + 2 + len(detail) <= WIDTH:
+        return f"{head}  {detail}"
+    lines = textwrap.wrap(head, WIDTH, subsequent_indent=" " * 30, break_on_hyphens=False)
+    lines += textwrap.wrap(detail, WIDTH, initial_indent=" " * 4, subsequent_indent=" " * 4, break_on_hyphens=False)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quiet", action="store_true", help="print only rows that are not ready")
@@ -166,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             if args.quiet and r.status in ready + ("absent",):
                 continue
-            line = f"{r.status:<14} {r.group:<14} {r.name}  {r.detail}"
-            print("\n".join(textwrap.wrap(line, WIDTH, subsequent_indent=" " * 30)))
+            print(_fit(f"{r.status:<14} {r.group:<14} {r.name}", r.detail))
     failed = [r for r in rows if not r.required_ok]
     missing = [r for r in rows if r.status == MISSING and r.needed]
     counts = {s: sum(r.status == s for r in rows) for s in (PRESENT, WOULD_DOWNLOAD, GATED, MISSING)}
