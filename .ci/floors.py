@@ -13,7 +13,10 @@ import re
 import sys
 from pathlib import Path
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 # torch: constraints.txt pins the local CPU wheel. packaging: pytest 9 (the test runner) needs >=24.
 SKIP = {"torch", "packaging"}

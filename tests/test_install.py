@@ -15,7 +15,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from the dev extra's `tomli`
+    import tomli as tomllib
 
 from pid.config_files import check_config_dir, config_dir
 from pid.errors import ConfigError
@@ -135,3 +139,24 @@ def test_wheel_works_from_another_folder(tmp_path):
     assert cli.returncode == 2, cli.stderr
     assert "unknown backbone 'nonexistent'" in cli.stderr and "zimage-turbo" in cli.stderr
     assert "Traceback" not in cli.stderr
+
+
+def test_toml_parser_falls_back_to_tomli_without_tomllib():
+    """Python 3.10 has no tomllib: this module must still import (with tomli) and parse pyproject.toml."""
+    pytest.importorskip("tomli")
+    code = (
+        "import sys; sys.modules['tomllib'] = None; sys.path.insert(0, 'tests'); import test_install as t; "
+        "print(t.tomllib.__name__, t.PYPROJECT['project']['name'])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["tomli", "pid"]
+
+
+def test_tested_python_versions_are_declared():
+    classifiers = PYPROJECT["project"]["classifiers"]
+    assert PYPROJECT["project"]["requires-python"] == ">=3.10"
+    for minor in ("3.10", "3.11", "3.12", "3.13"):
+        assert f"Programming Language :: Python :: {minor}" in classifiers
+    dev = PYPROJECT["project"]["optional-dependencies"]["dev"]
+    assert any(r.replace(" ", "").startswith("tomli>=2.0;python_version<") for r in dev), dev

@@ -48,7 +48,7 @@ def test_offline_empty_folders_and_wrong_ldm_folders_are_missing(hub_cache_env, 
     (wrong / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline"}))
     proc, rows = _verify(hub_cache_env, tmp_path, "--backbone", "sd3", "flux", "flux2",
                          "--model_id", f"sd3={tmp_path / 'empty_ldm'}", "--model_id", f"flux={wrong}")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # files these backbones need are missing
     sd3 = rows[("sd3", "PiD 2k")]
     assert sd3["status"] == "missing" and "empty folder" in sd3["detail"] and "HF_HUB_OFFLINE" in sd3["detail"]
     assert rows[("sd3", f"LDM {tmp_path / 'empty_ldm'}")]["status"] == "missing"
@@ -63,7 +63,7 @@ def test_an_empty_cache_reports_everything_missing_offline(hub_cache_env, tmp_pa
     env = dict(hub_cache_env, HF_HUB_CACHE=str(tmp_path / "empty_cache"))
     (tmp_path / "empty_cache").mkdir()
     proc, rows = _verify(env, tmp_path, "--backbone", "flux")
-    assert proc.returncode == 0
+    assert proc.returncode == 1
     file_rows = [r for (group, _), r in rows.items() if group in ("all", "flux")]
     assert file_rows and all(r["status"] == "missing" for r in file_rows), file_rows
     assert "hf download nvidia/PiD checkpoints/ae.safetensors" in rows[("flux", "VAE/RAE ae.safetensors")]["detail"]

@@ -58,6 +58,7 @@ from pid.inference.io import (
 )
 from pid.inference.lifecycle import report_item_failure
 from pid.metrics import resize_to, summarize
+from pid.preflight import plan_files
 from pid.tiling import decode_within_memory
 
 FROM_CLEAN = EntryPoint(
@@ -118,6 +119,7 @@ class CleanPlan:
             "images": [str(s.image) for s in mine if s.missing is None],
             "prompts": [s.prompt for s in mine if s.missing is None],
             "missing": [{"image": str(s.image), "reason": s.missing} for s in mine if s.missing],
+            "files": plan_files(self.backbone, self.checkpoint, self.identity["decoder"]["text_encoder"]),
         }
 
 

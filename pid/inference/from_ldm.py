@@ -54,6 +54,7 @@ from pid.inference.io import (
     write_image,
 )
 from pid.inference.lifecycle import report_item_failure
+from pid.preflight import plan_files
 from pid.tiling import decode_within_memory
 
 COMMON_FLAGS = {
@@ -167,6 +168,8 @@ class RunPlan:
             "ldm_size": list(self.ldm_size), "output_size": list(self.output_size),
             "capture_steps": list(self.capture_steps), "labels": self.labels,
             "rank": rank, "world_size": world_size, "prompts": mine,
+            "files": plan_files(self.backbone, self.checkpoint, self.identity["decoder"]["text_encoder"],
+                                self.ldm_model if self.kind == "diffusers" else None),  # pid.preflight
         }
 
 
@@ -227,6 +230,9 @@ def plan_run(settings: Settings) -> RunPlan:
                               "(the output size; the LDM runs at resolution / scale)")
         output_size = parse_resolution(settings.resolution) or (record.default_resolution,) * 2
     out_h, out_w = output_size
+    if max(output_size) > record.default_resolution:  # allowed, but outside what the decoder was trained for
+        logger.warning("resolution {}x{} is above the {} decoder's {} px; pid_ckpt_type=2kto4k (or 2kto4k_v1pt5) "
+                       "is trained for 4096", out_w, out_h, record.ckpt_type, record.default_resolution)
     cell = scale * space.size_multiple
     if out_h % cell or out_w % cell:
         raise _size_error("resolution", out_w, out_h, cell,
@@ -289,6 +295,8 @@ def plan_run(settings: Settings) -> RunPlan:
     ldm_tag = f"ldm{ldm_steps}" + (f"g{settings.guidance_scale}" if settings.guidance_scale is not None else "")
     if settings.model_id:
         ldm_tag += "_" + distinct_tag(Path(str(settings.model_id)).name)
+    if stop_at is not None and stop_at < ldm_steps:  # an LDM stopped early is another run than save_xt_steps
+        ldm_tag += f"_stop{stop_at}"
     tag += f"_{ldm_tag}_{out_w}x{out_h}_seed{int(settings.seed)}"
     out_dir = Path(settings.output_dir).expanduser() / tag
     validate.check_writable_folder(out_dir, "run folder")
