@@ -15,6 +15,10 @@ them (`pid.inference.step_capture.to_decoder_frame`: un-packing, FLUX.2 BN norma
 and decoded one image at a time with `pid.tiling.decode_within_memory`, so with the same seeds an image equals
 from_ldm's PNG bit for bit.
 
+The caller's arguments are never changed (the pipeline gets copies of lists and dicts), a single negative prompt
+serves every prompt of a list, custom `sigmas=`/`timesteps=` set the step count that is reported and that
+`pid_stop_at` is checked against, and bad input is a one-line InputError (docs/diffusers.md).
+
 Defaults of the LDM call follow from_ldm's registry (`pid.inference.pipelines`): when the call does not say,
 `num_inference_steps`, the guidance and the registry's extra kwargs are the backbone's (Z-Image-Turbo: 9 steps,
 guidance 0), not the pipeline class's; `ldm_defaults=False` leaves them to the pipeline.
@@ -37,7 +41,7 @@ import torch
 from loguru import logger
 from torch import Tensor
 
-from pid.errors import ConfigError, InputError
+from pid.errors import ConfigError, InputError, PiDError
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -272,12 +276,17 @@ class PiDPipeline:
         return_dict = kwargs.pop("return_dict", True)
         if output_type not in OUTPUT_TYPES:
             raise ConfigError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        # The pipeline gets copies: Z-Image rewrites a prompt list in place with its chat template, Flux and SD3
+        # write IP-adapter embeds into the attention kwargs; the user's objects stay as they were given.
+        kwargs = {key: _shallow_copy(value) for key, value in kwargs.items()}
         if prompt is not None:
-            kwargs["prompt"] = prompt
+            kwargs["prompt"] = _shallow_copy(prompt)
+        self._check_call(kwargs)
         self._fill_defaults(kwargs)
+        _broadcast_negatives(kwargs)
         height, width = int(kwargs["height"]), int(kwargs["width"])
         self.space.check_size(height, width)
-        steps = kwargs["num_inference_steps"]
+        steps = self._ldm_steps(kwargs)
 
         from pid.inference.step_capture import StepCapture, to_decoder_frame
 
@@ -288,6 +297,10 @@ class PiDPipeline:
         try:
             with counter:
                 out = self.pipe(**kwargs, output_type="latent", return_dict=True)
+        except PiDError:
+            raise
+        except ValueError as error:  # diffusers' check_inputs: bad input the checks above do not foresee
+            raise InputError(f"{type(self.pipe).__name__} refused the call: {_one_line(error)}") from error
         finally:
             if capture.interrupted:
                 self.pipe._interrupt = False  # leave the pipeline as found (it also resets it on its next call)
@@ -357,8 +370,58 @@ class PiDPipeline:
         sigma = float(sigmas[min(done, len(sigmas) - 1)])
         return CapturedLatent(label=step_label(step), step=step, latent=final_latents, sigma=sigma)
 
+    def _check_call(self, kwargs: dict[str, Any]) -> None:
+        """The bad inputs diffusers would meet with an assertion, a tensor-shape error or a ValueError deep in the
+        call, as one line each (before the LDM runs)."""
+        import inspect
+
+        pipe_name = type(self.pipe).__name__
+        parameters = inspect.signature(self.pipe.__call__).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            unknown = sorted(set(kwargs) - set(parameters))
+            if unknown:
+                raise InputError(
+                    f"{pipe_name} takes no {', '.join(unknown)}; check the names against its __call__ "
+                    "(PiD's own options start with pid_)"
+                )
+        prompt = kwargs.get("prompt")
+        if prompt is None and kwargs.get("prompt_embeds") is None:
+            raise InputError("no prompt: pass a prompt (a string or a list of strings) or prompt_embeds=")
+        if prompt is not None and not (
+            isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(t, str) for t in prompt))
+        ):
+            raise InputError(f"prompt must be a string or a non-empty list of strings, got {prompt!r:.80}")
+        if kwargs.get("sigmas") is not None and kwargs.get("timesteps") is not None:
+            raise InputError("pass sigmas= or timesteps=, not both (each sets the whole schedule)")
+
+    def _ldm_steps(self, kwargs: dict[str, Any]) -> int:
+        """The denoising steps the call will run: num_inference_steps, or with custom `sigmas=`/`timesteps=`
+        as many as the pipeline's scheduler makes of them (diffusers then ignores num_inference_steps)."""
+        custom = next((name for name in ("timesteps", "sigmas") if kwargs.get(name) is not None), None)
+        if custom is None:
+            return int(kwargs["num_inference_steps"])
+        import copy
+        import inspect
+
+        scheduler = copy.deepcopy(self.pipe.scheduler)  # set_timesteps changes it; the pipeline's stays as is
+        accepts = inspect.signature(scheduler.set_timesteps).parameters
+        if custom not in accepts:
+            raise InputError(
+                f"{type(scheduler).__name__} takes no custom {custom}; pass num_inference_steps= instead"
+            )
+        # mu only shifts the values (Flux, Z-Image, Qwen-Image compute it from the image size), not their count.
+        shift = {"mu": 0.0} if "mu" in accepts and getattr(scheduler.config, "use_dynamic_shifting", False) else {}
+        try:
+            scheduler.set_timesteps(**{custom: kwargs[custom]}, device="cpu", **shift)
+        except (ValueError, TypeError) as error:
+            raise InputError(f"{custom}= does not suit {type(scheduler).__name__}: {_one_line(error)}") from error
+        return len(scheduler.timesteps)
+
     def _fill_defaults(self, kwargs: dict[str, Any]) -> None:
-        """from_ldm's LDM defaults where the call is silent; height/width made explicit (the latent needs them)."""
+        """from_ldm's LDM defaults where the call is silent; height/width made explicit (the latent needs them).
+        With custom `sigmas=`/`timesteps=` the step count is theirs (FLUX.2 derives its shift from it)."""
+        if "num_inference_steps" not in kwargs and any(kwargs.get(k) is not None for k in ("sigmas", "timesteps")):
+            kwargs["num_inference_steps"] = self._ldm_steps(kwargs)
         if self.ldm_defaults:
             kwargs.setdefault("num_inference_steps", self.spec.default_steps)
             kwargs.setdefault(self.spec.guidance_kwarg, self.spec.default_guidance)
@@ -486,6 +549,46 @@ def _per_image(value: Any, batch: int, name: str) -> list[Any]:
             raise InputError(f"{name} has {len(value)} entries for {batch} images; give one or one per image")
         return list(value)
     return [value] * batch
+
+
+_NEGATIVE_PROMPTS = ("negative_prompt", "negative_prompt_2", "negative_prompt_3")
+
+
+def _shallow_copy(value: Any) -> Any:
+    """A new list / dict with the same items (prompts, generators, attention kwargs); anything else as is."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return dict(value) if isinstance(value, dict) else value
+
+
+def _prompt_count(kwargs: Mapping[str, Any]) -> int | None:
+    """Prompts in the call (before num_images_per_prompt): from the prompt, else from prompt_embeds."""
+    prompt = kwargs.get("prompt")
+    if prompt is None:
+        prompt = kwargs.get("prompt_embeds")  # a tensor, or Z-Image's list of tensors
+    if prompt is None:
+        return None
+    return 1 if isinstance(prompt, str) else len(prompt)
+
+
+def _broadcast_negatives(kwargs: dict[str, Any]) -> None:
+    """One negative prompt per prompt: a single string serves every prompt of a list, as SD3 and SDXL do
+    themselves (Z-Image asserts, Qwen-Image and FLUX.1 fail on a tensor shape, including with Qwen-Image's
+    registry default " "). A list of another length is a one-line InputError."""
+    count = _prompt_count(kwargs)
+    for key in _NEGATIVE_PROMPTS:
+        negative = kwargs.get(key)
+        if isinstance(negative, str) and count is not None and count > 1:
+            kwargs[key] = [negative] * count
+        elif isinstance(negative, list) and count is not None and len(negative) != count:
+            raise InputError(
+                f"{key} has {len(negative)} entries for {count} prompts; give one string or one per prompt"
+            )
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
 
 
 def _convert(images: Tensor, output_type: str) -> Any:

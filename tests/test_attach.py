@@ -267,3 +267,118 @@ def test_a_diffusers_pipeline_callback_is_chained_with_its_tensor_inputs():
     out = pid_pipe(PROMPT, pid_stop_at=2, callback_on_step_end=cutoff, output_type="pt", **ldm_kwargs("sdxl"))
     assert pid_pipe.pipe.guidance_scale == 0.0  # the callback ran and switched CFG off after step 1
     assert out.pid_report[0].denoiser_steps_run == 2 and out.images.shape == (1, 3, OUT, OUT)
+
+
+# ------------------------------------------------------------------------------------------------
+# The wrapper's invariants: it never changes the user's inputs, every batch shape runs, and the step count it
+# reports (and checks pid_stop_at against) is the one that runs.
+
+TWO_PROMPTS = ["a red fox in snow", "a photo of a cat"]
+
+
+def _encoded_captions(pid_pipe: PiDPipeline, monkeypatch) -> list[list[str]]:
+    """The captions the PiD decoder is asked to encode, call by call."""
+    seen: list[list[str]] = []
+    original = pid_pipe.decoder.encode_captions
+    monkeypatch.setattr(pid_pipe.decoder, "encode_captions", lambda captions: seen.append(list(captions)) or original(captions))
+    return seen
+
+
+def test_zimage_list_prompt_stays_as_given_and_pid_gets_the_plain_prompt(monkeypatch):
+    """Z-Image's encode_prompt writes its chat template into the prompt list it is given; the wrapper hands it a
+    copy, so the user's list is untouched and PiD's captions are the prompts, not "<|im_start|>user ...". """
+    pid_pipe = attached("zimage")
+    encoded = _encoded_captions(pid_pipe, monkeypatch)
+    prompts, negatives = list(TWO_PROMPTS), ["blurry", "dark"]
+    out = pid_pipe(prompts, output_type="pt", **ldm_kwargs("zimage", negative_prompt=negatives, pid_steps=1))
+    assert prompts == TWO_PROMPTS and negatives == ["blurry", "dark"]
+    assert encoded == [[text] for text in TWO_PROMPTS]
+    assert [r.caption for r in out.pid_report] == TWO_PROMPTS and out.images.shape == (2, 3, OUT, OUT)
+
+
+def test_qwenimage_list_prompt_with_two_images_each_and_the_registry_negative(monkeypatch):
+    """Qwen-Image's registry default negative_prompt " " (true CFG on) with a list of prompts and
+    num_images_per_prompt=2: one negative per prompt, four images, each captioned with its own prompt."""
+    pid_pipe = attached("qwenimage")
+    encoded = _encoded_captions(pid_pipe, monkeypatch)
+    kwargs = ldm_kwargs("qwenimage", true_cfg_scale=4.0, pid_steps=1)
+    del kwargs["negative_prompt"]  # the registry's " " is injected
+    prompts = list(TWO_PROMPTS)
+    out = pid_pipe(prompts, num_images_per_prompt=2, output_type="pt", **kwargs)
+    expected = [TWO_PROMPTS[0]] * 2 + [TWO_PROMPTS[1]] * 2
+    assert out.images.shape == (4, 3, OUT, OUT) and prompts == TWO_PROMPTS
+    assert [r.caption for r in out.pid_report] == expected and encoded == [[c] for c in expected]
+    assert out.pid_report[0].denoiser_calls_run == 2 * 3  # true CFG ran: two transformer calls a step
+
+
+# Per family: call kwargs that switch classifier-free guidance on with a single negative prompt string, where the
+# pipeline has one (FLUX.2-dev and klein have none).
+_CFG_WITH_NEGATIVE = {
+    "flux": {"true_cfg_scale": 2.0, "negative_prompt": "bad"},
+    "flux2": {},
+    "flux2-klein-4b": {"guidance_scale": 2.0},
+    "sd3": {"negative_prompt": "bad", "negative_prompt_2": "bad", "negative_prompt_3": "bad"},
+    "sdxl": {"negative_prompt": "bad", "negative_prompt_2": "bad"},
+    "zimage": {"negative_prompt": "bad"},
+    "qwenimage": {"true_cfg_scale": 4.0, "negative_prompt": "bad"},
+}
+
+
+@pytest.mark.parametrize("backbone", list(_CFG_WITH_NEGATIVE))
+def test_list_prompts_with_one_negative_and_custom_sigmas_on_every_pipeline(backbone, monkeypatch):
+    """The same class of bug on every supported pipeline: a list of prompts with one negative string and two
+    images each runs (Z-Image asserted, FLUX.1 and Qwen-Image failed on a tensor shape), the user's lists and
+    dicts come back unchanged, and with custom sigmas= (no num_inference_steps) the reported step count is the
+    pipeline's own."""
+    pid_pipe = attached(backbone)
+    encoded = _encoded_captions(pid_pipe, monkeypatch)
+    kwargs = ldm_kwargs(backbone, pid_steps=1, **_CFG_WITH_NEGATIVE[backbone])
+    del kwargs["num_inference_steps"]
+    kwargs["sigmas"] = sigmas = [1.0, 0.75, 0.5]
+    prompts = list(TWO_PROMPTS)
+    given = {key: (list(value) if isinstance(value, list) else value) for key, value in kwargs.items()}
+    out = pid_pipe(prompts, num_images_per_prompt=2, output_type="pt", **kwargs)
+    expected = [TWO_PROMPTS[0]] * 2 + [TWO_PROMPTS[1]] * 2
+    assert out.images.shape == (4, 3, OUT, OUT) and encoded == [[c] for c in expected]
+    assert prompts == TWO_PROMPTS and sigmas == [1.0, 0.75, 0.5]
+    assert {key: kwargs[key] for key in given if key != "generator"} == {k: v for k, v in given.items() if k != "generator"}
+    report = out.pid_report[0]
+    ran = pid_pipe.pipe.num_timesteps  # the pipeline's own count (SDXL's Euler: one fewer than the sigmas)
+    assert report.ldm_steps == ran == report.denoiser_steps_run and report.denoiser_steps_skipped == 0
+
+
+def test_custom_sigmas_set_the_step_count_that_pid_stop_at_is_checked_against():
+    pid_pipe = attached("sd3")
+    kwargs = ldm_kwargs("sd3", pid_steps=1)
+    del kwargs["num_inference_steps"]  # the registry default (28) must not count
+    out = pid_pipe(PROMPT, sigmas=[1.0, 0.75, 0.5, 0.25], pid_stop_at=3, output_type="pt", **kwargs)
+    report = out.pid_report[0]
+    assert (report.ldm_steps, report.step, report.denoiser_steps_run, report.denoiser_steps_skipped) == (4, "03xt", 3, 1)
+    with pytest.raises(ConfigError, match=r"stop_at must be an LDM step in \[1, 4\]"):
+        pid_pipe(PROMPT, sigmas=[1.0, 0.75, 0.5, 0.25], pid_stop_at=5, **kwargs)
+
+
+def test_bad_prompts_are_one_line_errors_before_the_ldm_runs():
+    pid_pipe = attached("sd3")
+    calls = []
+    counter = pid_pipe.pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        for prompt, extra, expected in [
+            (None, {}, "no prompt: pass a prompt"),
+            ([], {}, "prompt must be a string or a non-empty list of strings"),
+            (TWO_PROMPTS, {"negative_prompt": ["bad"] * 3}, "negative_prompt has 3 entries for 2 prompts"),
+            (PROMPT, {"num_inference_stepz": 2}, "StableDiffusion3Pipeline takes no num_inference_stepz"),
+        ]:
+            with pytest.raises(InputError) as info:
+                pid_pipe(prompt, **ldm_kwargs("sd3", **extra))
+            assert _one_line(info).startswith(expected)
+        with pytest.raises(InputError) as info:
+            attached("sdxl")(PROMPT, sigmas=[1.0, 0.5, 0.0], timesteps=[999, 500], **ldm_kwargs("sdxl"))
+        assert _one_line(info) == "pass sigmas= or timesteps=, not both (each sets the whole schedule)"
+        # What only diffusers checks still ends as one line naming the pipeline: a generator list of another length.
+        with pytest.raises(InputError) as info:
+            pid_pipe(PROMPT, **ldm_kwargs("sd3", generator=[torch.Generator().manual_seed(0)] * 3))
+        assert _one_line(info).startswith("StableDiffusion3Pipeline refused the call:")
+    finally:
+        counter.remove()
+    assert calls == []

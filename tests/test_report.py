@@ -437,3 +437,122 @@ def test_update_report_never_raises_and_throttles(tmp_path, monkeypatch):
     assert "a lighthouse at dusk" not in (run / "report.html").read_text()
     assert report_module.update_report(run, final=True) == run / "report.html"
     assert "a lighthouse at dusk" in (run / "report.html").read_text()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Wording, units and links that stay true
+
+
+def _runs_table(html):
+    """Runs table of a compare page: column letter -> (items, matched, only here), and the unit's header."""
+    import re
+
+    section = html[html.index('id="runs"'):]
+    section = section[: section.index("</section>")]
+    header = re.findall(r"<th>([^<]+)</th>", section)
+    rows = re.findall(r'<tr><td class="text">([A-Z]): .*?<td>(\d+)</td><td>(\d+)</td><td>(\d+)</td>', section)
+    return header, {letter: tuple(map(int, numbers)) for letter, *numbers in rows}
+
+
+def test_compare_runs_table_counts_items_matched_and_only_here_in_one_unit(tmp_path):
+    # A: 3 prompts x (24xt, x0); B: the lighthouse with A's seed, the fox with another, and an extra step 20xt
+    run_a = make_ldm_run(tmp_path, ("a red fox in snow", "a lighthouse at dusk", "a bowl of ramen"), name="a_seed0")
+    run_b = make_ldm_run(tmp_path, ("a lighthouse at dusk", "a red fox in snow"), seed=1, name="b_seed1",
+                         steps=(("20xt", 20, 0.5), ("24xt", 24, 0.4123), ("x0", None, 0.0)))
+    header, table = _runs_table(compare_runs([run_a, run_b], tmp_path / "ldm.html").read_text())
+    assert header[:3] == ["captures", "matched", "only here"]
+    # the lighthouse's 24xt and x0 are in both; everything else is in one run only
+    assert table == {"A": (6, 2, 4), "B": (6, 2, 4)}
+
+    sources = source_images(tmp_path / "src", ["cat", "dog", "car"])
+    clean_a = make_clean_run(tmp_path, sources, name="ca_seed0", sigmas=(0.0, 0.3))
+    clean_b = make_clean_run(tmp_path, [sources[0]], name="cb_seed0", sigmas=(0.3, 0.6))
+    header, table = _runs_table(compare_runs([clean_a, clean_b], tmp_path / "clean.html").read_text())
+    assert header[:3] == ["items", "matched", "only here"]
+    assert table == {"A": (6, 1, 5), "B": (2, 1, 1)}  # only (cat, 0.3) is in both
+    for items, matched, only in table.values():
+        assert items == matched + only
+
+
+def _capture_rows(html, key):
+    """(run letter, status) of each row in the table of the card with this data-key."""
+    import re
+    from html import escape
+
+    card = html[html.index(f'data-key="{escape(key)}"'):]
+    card = card[: card.index("</article>")]
+    return re.findall(r'<tr><td class="text">([A-Z]): [^<]*</td><td class="text[^"]*">([^<]*)</td>', card)
+
+
+def test_ldm_compare_tables_show_each_runs_status(tmp_path):
+    prompts = ("a red fox in snow", "a lighthouse at dusk")
+    run_a = make_ldm_run(tmp_path, prompts, name="a_2k_seed0")
+    run_b = make_ldm_run(tmp_path, prompts, name="b_4k_seed0")
+    (run_b / "pid" / "step_24xt" / "00000000.png").unlink()  # deleted after the run
+    failure = {"index": 1, "prompt": "a lighthouse at dusk", "error": "CUDA out of memory"}
+    run_c = make_ldm_run(tmp_path, prompts[:1], name="c_8k_seed0", steps=(("x0", None, 0.0),), finished=False,
+                         failures=[failure])
+    out = compare_runs([run_a, run_b, run_c], tmp_path / "compare.html")
+    parser = parse_report(out)
+    html = out.read_text()
+    fox, lighthouse = json.dumps([prompts[0], 0]), json.dumps([prompts[1], 1])
+    assert _capture_rows(html, f"{fox}|24xt") == [
+        ("A", "done"), ("B", "PiD file missing"), ("C", "not yet (run in progress)")]
+    assert _capture_rows(html, f"{fox}|x0") == [("A", "done"), ("B", "done"), ("C", "done")]
+    assert _capture_rows(html, f"{lighthouse}|24xt") == [
+        ("A", "done"), ("B", "done"), ("C", "failed: CUDA out of memory")]
+    _assert_files_exist(out, parser)  # B's deleted PiD image is neither shown nor linked
+
+
+def test_counts_read_right_in_the_singular(tmp_path):
+    run = make_ldm_run(tmp_path, ("a red fox in snow",), steps=(("x0", None, 0.0),), finished=False)
+    text = " ".join(parse_report(write_report(run)).text)
+    assert "1 capture of 1 prompt, 0 failed" in text and "1 item so far" in text
+    assert "captures" not in text and "prompts" not in text and "1 items" not in text
+    finish_ldm_run(run, 1)
+    add_ldm_item(run, 1, "a lighthouse at dusk", "x0", None, 0.0)
+    assert "2 captures of 2 prompts" in " ".join(parse_report(write_report(run)).text)
+
+    clean = make_clean_run(tmp_path, source_images(tmp_path / "src", ["cat"]), sigmas=(0.3,))
+    text = " ".join(parse_report(write_report(clean)).text)
+    assert "1 image \u00d7 1 sigma = 1 item, 0 failed" in text and "Metrics (2 rows;" in text
+
+
+def test_mean_plots_keep_every_marker_inside_the_frame(tmp_path):
+    import re
+
+    run = make_clean_run(tmp_path, source_images(tmp_path / "src", ["cat", "dog"]), sigmas=(0.0, 0.3, 0.6))
+    html = write_report(run).read_text()
+    plots = re.findall(r"<svg.*?</svg>", html)
+    assert len(plots) == 3
+    for svg in plots:
+        x, y, width, height = map(float, re.search(
+            r'<rect x="([\d.]+)" y="([\d.]+)" width="([\d.]+)" height="([\d.]+)"', svg).groups())
+        markers = [tuple(map(float, m)) for m in re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)" r="([\d.]+)"', svg)]
+        assert len(markers) == 6  # VAE and PiD at three sigmas
+        for cx, cy, r in markers:
+            assert x + r < cx < x + width - r and y + r < cy < y + height - r, (cx, cy, (x, y, width, height))
+
+
+def test_a_rebuilt_report_links_only_files_that_exist(tmp_path):
+    run = make_ldm_run(tmp_path, ("a red fox in snow", "a lighthouse at dusk"))
+    write_report(run)
+    for gone in ("pid/step_24xt/00000000.png", "compare/step_24xt/00000000.png", "vae/step_x0/00000001.png"):
+        (run / gone).unlink()
+    report = write_report(run)
+    parser = parse_report(report)
+    _assert_files_exist(report, parser)
+    html = report.read_text()
+    assert "pid/step_24xt/00000000.png" not in html and "compare/step_24xt/00000000.png" not in html
+    card = html[html.index('data-key="0|24xt"'):]
+    assert "missing file: PiD, comparison image</p>" in card[: card.index("</article>")]
+    assert len(parser.cards) == 4  # the items stay listed (the run still records them), without dead links
+
+    clean = make_clean_run(tmp_path, source_images(tmp_path / "src", ["cat"]), sigmas=(0.3,))
+    write_report(clean)
+    sample = "00000000_cat"
+    for gone in (f"grid/sigma_0.300/{sample}.png", f"input/{sample}.png"):
+        (clean / gone).unlink()
+    report = write_report(clean)
+    _assert_files_exist(report, parse_report(report))
+    assert "missing file: input, grid</p>" in report.read_text()

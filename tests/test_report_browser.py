@@ -242,3 +242,56 @@ def test_filters_by_step_and_text(browser, reports):
     page.locator("#q").fill("")
     assert page.locator("article.card:visible").count() == 4
     watched.close()
+
+
+@pytest.fixture(scope="module")
+def http_root(reports):
+    """The reports served over HTTP (Playwright can hold back http requests, not file:// ones)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    root = reports["ldm"].parent.parent
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_pid_half_never_shows_the_vae_image_while_loading(browser, reports, http_root):
+    """The VAE preview has loaded, the PiD one is still on its way: the PiD side of the slider stays dark (it
+    must not show the VAE image underneath under the "PiD" label), then shows PiD once it arrives."""
+    root, base = http_root
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    held = []
+    page.route("**/previews/pid/**", lambda route: held.append(route))
+    try:
+        page.goto(f"{base}/{reports['ldm'].relative_to(root).as_posix()}", wait_until="domcontentloaded")
+        card = page.locator("article.card").first
+        page.wait_for_function("""() => { const img = document.querySelector('article.card img.va');
+            return img.complete && img.naturalWidth > 0; }""", timeout=10000)
+        assert held and not page.evaluate("() => document.querySelector('article.card img.vb').complete")
+        viewer = card.locator(".viewer")
+        loading = screenshot(viewer)
+        height, width = loading.shape[:2]
+        left, right = loading[:, : int(0.45 * width)], loading[:, int(0.55 * width):]
+        assert np.abs(left[int(0.8 * height):] - np.array(RED)).mean() < 8  # the VAE half shows the VAE image
+        below_tag = right[int(0.15 * height):]  # under the "PiD" label in the corner
+        assert np.abs(below_tag - np.array([0x22, 0x22, 0x22])).max() < 8  # the PiD half: nothing yet, never the VAE
+        for route in held:
+            route.continue_()
+        page.wait_for_function("""() => { const img = document.querySelector('article.card img.vb');
+            return img.complete && img.naturalWidth > 0; }""", timeout=10000)
+        loaded = screenshot(viewer)
+        right = loaded[:, int(0.55 * width):]
+        assert np.abs(right[: int(0.4 * height)] - np.array(GRAY)).mean() < 8  # PiD's gray top half
+        assert np.abs(right[int(0.6 * height):] - np.array(RED)).mean() > 40  # PiD's noise, not the VAE red
+    finally:
+        page.unroute("**/previews/pid/**")
+        page.close()

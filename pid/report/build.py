@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from pid.report.page import (
     esc,
     fmt_number,
     line_plot,
+    plural,
     render_facts,
     sortable_table,
     text_cell,
@@ -56,7 +58,7 @@ def _status(runs: Sequence[Run]) -> tuple[str, bool]:
     if not unfinished:
         return "finished", False
     if len(runs) == 1:
-        return (f"in progress or interrupted: {runs[0].item_count} items so far (no summary.json yet). "
+        return (f"in progress or interrupted: {plural(runs[0].item_count, 'item')} so far (no summary.json yet). "
                 "The page is rebuilt as items finish: reload to update."), True
     return f"not finished (no summary.json): {', '.join(unfinished)}", True
 
@@ -84,6 +86,10 @@ def _warnings_block(runs: Sequence[Run], extra: Sequence[str] = ()) -> str:
     items = "".join(f"<li>{esc(n)}</li>" for n in notes[:50])
     more = f"<li>... and {len(notes) - 50} more</li>" if len(notes) > 50 else ""
     return f'<section class="block" id="warnings"><h2>Warnings</h2><ul class="warnings">{items}{more}</ul></section>'
+
+
+def _panel(label: str, cache: PreviewCache, source: Path | None) -> Panel:
+    return Panel(label, cache.get(source), source)
 
 
 def _first(records: Sequence[dict[str, Any]], key: str) -> Any:
@@ -137,7 +143,7 @@ def ldm_page(run: Run, cache: PreviewCache) -> Page:
             title=f"step {item.step} \u00b7 sigma {_sigma(item.sigma)}",
             tag=item.step,
             text=f"{item.prompt} {item.step} #{item.index}",
-            panels=[Panel("VAE", cache.get(item.vae)), Panel("PiD", cache.get(item.pid))],
+            panels=[_panel("VAE", cache, item.vae), _panel("PiD", cache, item.pid)],
             a=0, b=1,
             facts=_ldm_facts(item),
             links=[("PiD full size", item.pid), ("VAE full size", item.vae), ("comparison image", item.compare)],
@@ -149,7 +155,8 @@ def ldm_page(run: Run, cache: PreviewCache) -> Page:
         ("checkpoint type", str(summary.get("ckpt_type") or _first(records, "pid_ckpt_type") or "")),
         ("checkpoint", str(_first(records, "checkpoint") or "")),
         ("LDM model", str(_first(records, "ldm_model") or "")),
-        ("items", f"{len(run.ldm_items)} captures of {len(groups)} prompts, {len(run.failures)} failed"),
+        ("items", f"{plural(len(run.ldm_items), 'capture')} of {plural(len(groups), 'prompt')}, "
+                  f"{len(run.failures)} failed"),
     ]
     status, in_progress = _status([run])
     return Page(
@@ -251,7 +258,7 @@ def clean_page(run: Run, cache: PreviewCache) -> Page:
             group = groups[item.sample_id] = Group(
                 anchor=f"image-{item.sample_id}", heading=f"{item.sample_id} \u00b7 {item.image}",
                 facts=f"caption: {item.prompt}" if item.prompt else "no caption", cards=[])
-        panels = [Panel("input", cache.get(item.input)), Panel("VAE", cache.get(item.vae)), Panel("PiD", cache.get(item.pid))]
+        panels = [_panel("input", cache, item.input), _panel("VAE", cache, item.vae), _panel("PiD", cache, item.pid)]
         mini = _mini_metrics([(DECODER_LABELS[d], item.rows.get(d), None) for d in ("vae", "pid")])
         group.cards.append(_clean_card(item, panels, 1, 2, mini, _clean_item_facts(item),
                                        anchor=f"item-{item.sample_id}-{item.sigma_key}",
@@ -281,7 +288,7 @@ def clean_page(run: Run, cache: PreviewCache) -> Page:
         )
     columns = [Column("image", False), Column("sigma"), Column("decoder", False)] + [
         Column(METRIC_TITLES[m]) for m in METRICS] + [Column("seconds"), Column("output size", False)]
-    table = (f'<section class="block" id="metrics"><h2>Metrics ({len(table_rows)} rows; click a column to sort)</h2>'
+    table = (f'<section class="block" id="metrics"><h2>Metrics ({plural(len(table_rows), "row")}; click a column to sort)</h2>'
              f'{sortable_table("metrics per image, sigma and decoder", columns, table_rows, "metrics-table")}</section>')
     facts = [
         ("run folder", str(run.path)),
@@ -289,7 +296,8 @@ def clean_page(run: Run, cache: PreviewCache) -> Page:
         ("checkpoint type", str(summary.get("ckpt_type") or "")),
         ("scale", f"x{summary['scale']}" if summary.get("scale") else ""),
         ("sigmas", ", ".join(sigmas)),
-        ("items", f"{len(groups)} images \u00d7 {len(sigmas)} sigmas = {len(run.clean_items)}, {len(run.failures)} failed"),
+        ("items", f"{plural(len(groups), 'image')} \u00d7 {plural(len(sigmas), 'sigma')} = "
+                  f"{plural(len(run.clean_items), 'item')}, {len(run.failures)} failed"),
     ]
     status, in_progress = _status([run])
     blocks = [_plots_block(series_of, f"Means per sigma (PSNR capped at {cap:g} dB)"), table,
@@ -325,22 +333,33 @@ def run_labels(runs: Sequence[Run]) -> list[str]:
     return labels
 
 
-def _runs_block(runs: Sequence[Run], labels: Sequence[str], page_dir: Path, matched: Sequence[int],
-                only: Sequence[int]) -> str:
+def _match_counts(keys_per_run: Sequence[set[str]]) -> tuple[list[int], list[int]]:
+    """Per run, of its items: how many another run also has (matched) and how many it alone has (only here);
+    the two add up to its items, so the Runs table counts one unit throughout."""
+    counts = Counter(key for keys in keys_per_run for key in keys)
+    matched = [sum(1 for key in keys if counts[key] >= 2) for keys in keys_per_run]
+    return matched, [len(keys) - n for keys, n in zip(keys_per_run, matched)]
+
+
+def _runs_block(runs: Sequence[Run], labels: Sequence[str], page_dir: Path, keys_per_run: Sequence[set[str]],
+                unit: str, unit_meaning: str) -> str:
     from pid.report.page import url_for
 
+    matched, only = _match_counts(keys_per_run)
     rows = []
-    for run, label, n_matched, n_only in zip(runs, labels, matched, only):
+    for run, label, keys, n_matched, n_only in zip(runs, labels, keys_per_run, matched, only):
         report = run.path / "report.html"
         link = f'<a href="{esc(url_for(report, page_dir))}">{esc(run.name)}</a>' if report.is_file() else esc(run.name)
         summary = run.summary or {}
         rows.append(f'<tr><td class="text">{esc(label)}</td><td class="text">{link}</td>'
                     f'<td class="text">{esc(summary.get("backbone", ""))}</td><td class="text">{esc(summary.get("ckpt_type", ""))}</td>'
-                    f"<td>{run.item_count}</td><td>{n_matched}</td><td>{n_only}</td>"
+                    f"<td>{len(keys)}</td><td>{n_matched}</td><td>{n_only}</td>"
                     f'<td class="text">{"finished" if run.finished else "not finished"}</td></tr>')
-    return ('<section class="block" id="runs"><h2>Runs</h2><div class="tablewrap"><table><thead><tr>'
+    note = (f'<p class="note">Counted in {esc(unit)} ({esc(unit_meaning)}): matched = another run has it too, '
+            "only here = no other run has it.</p>")
+    return ('<section class="block" id="runs"><h2>Runs</h2>' + note + '<div class="tablewrap"><table><thead><tr>'
             '<th class="text">column</th><th class="text">run folder</th><th class="text">backbone</th>'
-            '<th class="text">checkpoint type</th><th>items</th><th>matched</th><th>only here</th>'
+            f'<th class="text">checkpoint type</th><th>{esc(unit)}</th><th>matched</th><th>only here</th>'
             f'<th class="text">status</th></tr></thead><tbody>{"".join(rows)}</tbody></table></div></section>')
 
 
@@ -374,6 +393,22 @@ def _shared(keys_per_run: Sequence[set[str]], runs: Sequence[Run], what: str, fi
     return shared
 
 
+def _capture_status(run: Run, item: LdmItem | None, prompt: str) -> str:
+    """The status cell of one run's row in a capture's table: done, its file gone, failed (and why), still to
+    come, or not part of the run."""
+    if item is not None:
+        if item.pid is not None and item.pid.is_file():
+            return '<td class="text">done</td>'
+        return '<td class="text missing">PiD file missing</td>'
+    failure = next((f for f in run.failures if f.get("prompt") == prompt), None)
+    if failure is not None:
+        reason = failure.get("error") or failure.get("reason") or ""
+        return f'<td class="text missing">failed{": " if reason else ""}{esc(reason)}</td>'
+    if not run.finished:
+        return '<td class="text">not yet (run in progress)</td>'
+    return '<td class="text missing">not in this run</td>'
+
+
 def _compare_ldm(runs: Sequence[Run], caches: Sequence[PreviewCache], labels: Sequence[str], page_dir: Path) -> Page:
     per_run: list[dict[tuple[str, str], LdmItem]] = [{(i.identity, i.step): i for i in r.ldm_items} for r in runs]
     identities = [{i.identity for i in r.ldm_items} for r in runs]
@@ -396,20 +431,21 @@ def _compare_ldm(runs: Sequence[Run], caches: Sequence[PreviewCache], labels: Se
             if not any(item for _, item in present):
                 continue
             example = example or next(item for _, item in present if item)
-            panels = [Panel(f"{labels[p]} \u00b7 PiD", caches[p].get(item.pid) if item else None) for p, item in present]
-            panels += [Panel(f"{labels[p]} \u00b7 VAE", caches[p].get(item.vae) if item else None) for p, item in present]
+            panels = [_panel(f"{labels[p]} \u00b7 PiD", caches[p], item.pid if item else None) for p, item in present]
+            panels += [_panel(f"{labels[p]} \u00b7 VAE", caches[p], item.vae if item else None) for p, item in present]
             with_pid = [p for p, item in present if item is not None]
             a, b = (with_pid[0], with_pid[1]) if len(with_pid) >= 2 else (with_pid[0], len(runs) + with_pid[0])
             rows = "".join(
-                f'<tr><td class="text">{esc(labels[p])}</td><td>{esc(_sigma(item.sigma))}</td>'
-                f'<td class="text">{esc(item.record.get("checkpoint", ""))}</td>'
-                f'<td class="text">{esc(_size(item.record.get("output_size")))}</td>'
-                f'<td>{esc(_seconds((item.record.get("seconds") or {}).get("pid")))}</td></tr>'
-                if item else f'<tr><td class="text">{esc(labels[p])}</td><td class="text missing" colspan="4">not in this run</td></tr>'
+                f'<tr><td class="text">{esc(labels[p])}</td>{_capture_status(runs[p], item, example.prompt)}'
+                + (f'<td>{esc(_sigma(item.sigma))}</td><td class="text">{esc(item.record.get("checkpoint", ""))}</td>'
+                   f'<td class="text">{esc(_size(item.record.get("output_size")))}</td>'
+                   f'<td>{esc(_seconds((item.record.get("seconds") or {}).get("pid")))}</td>'
+                   if item else '<td colspan="4"></td>') + "</tr>"
                 for p, item in present
             )
-            table = ('<table class="mini"><thead><tr><th class="text">run</th><th>sigma</th><th class="text">checkpoint</th>'
-                     f'<th class="text">PiD size</th><th>PiD time</th></tr></thead><tbody>{rows}</tbody></table>')
+            table = ('<table class="mini"><thead><tr><th class="text">run</th><th class="text">status</th><th>sigma</th>'
+                     '<th class="text">checkpoint</th><th class="text">PiD size</th><th>PiD time</th></tr></thead>'
+                     f"<tbody>{rows}</tbody></table>")
             links = [(f"{labels[p]} PiD", item.pid) for p, item in present if item]
             cards.append(Card(
                 anchor=f"item-{group_number}-{step}", key=f"{identity}|{step}", title=f"step {step}", tag=step,
@@ -418,13 +454,13 @@ def _compare_ldm(runs: Sequence[Run], caches: Sequence[PreviewCache], labels: Se
         assert example is not None
         groups.append(Group(anchor=f"prompt-{group_number}", heading=example.prompt,
                             facts=f"LDM seed {example.ldm_seed}", cards=cards))
-    matched = [len(ids & shared) for ids in identities]
-    only = [len(ids - shared) for ids in identities]
+    captures = [{f"{identity}|{step}" for identity, step in items} for items in per_run]
     status, in_progress = _status(runs)
     return Page(
         title="PiD comparison \u00b7 " + " vs ".join(labels), status=status, in_progress=in_progress,
         facts=[("prompts in common", str(len(shared)))], tag_name="step", tags=tags,
-        blocks=[b for b in (_runs_block(runs, labels, page_dir, matched, only), _failures_block(runs, labels),
+        blocks=[b for b in (_runs_block(runs, labels, page_dir, captures, "captures", "prompt \u00d7 step"),
+                            _failures_block(runs, labels),
                             _warnings_block(runs, [f for c in caches for f in c.failed])) if b],
         groups=groups, footer=FOOTER,
     )
@@ -455,9 +491,9 @@ def _compare_clean(runs: Sequence[Run], caches: Sequence[PreviewCache], labels: 
                 if item is not None and complete:
                     matched_items[p].append(item)
             input_owner = next((p, item) for p, item in present if item)
-            panels = [Panel("input", caches[input_owner[0]].get(input_owner[1].input))]
-            panels += [Panel(f"{labels[p]} \u00b7 PiD", caches[p].get(item.pid) if item else None) for p, item in present]
-            panels += [Panel(f"{labels[p]} \u00b7 VAE", caches[p].get(item.vae) if item else None) for p, item in present]
+            panels = [_panel("input", caches[input_owner[0]], input_owner[1].input)]
+            panels += [_panel(f"{labels[p]} \u00b7 PiD", caches[p], item.pid if item else None) for p, item in present]
+            panels += [_panel(f"{labels[p]} \u00b7 VAE", caches[p], item.vae if item else None) for p, item in present]
             with_pid = [1 + p for p, item in present if item is not None]
             a, b = (with_pid[0], with_pid[1]) if len(with_pid) >= 2 else (0, with_pid[0])
             # deltas against the first run that has this item, decoder by decoder
@@ -517,10 +553,9 @@ def _compare_clean(runs: Sequence[Run], caches: Sequence[PreviewCache], labels: 
                                   PALETTE[p % len(PALETTE)], dashed=decoder == "vae"))
         return out
 
-    matched = [len(ids & shared) for ids in identities]
-    only = [len(ids - shared) for ids in identities]
+    items = [{f"{identity}|{sigma_key}" for identity, sigma_key in per} for per in per_run]
     status, in_progress = _status(runs)
-    blocks = [_runs_block(runs, labels, page_dir, matched, only),
+    blocks = [_runs_block(runs, labels, page_dir, items, "items", "image \u00d7 sigma"),
               _plots_block(series_of, "Means per sigma over the images every run has"), table,
               _failures_block(runs, labels), _warnings_block(runs, [f for c in caches for f in c.failed])]
     return Page(

@@ -23,6 +23,11 @@ def esc(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
+def plural(count: int, noun: str, plural_noun: str | None = None) -> str:
+    """ "1 prompt", "2 prompts", "0 prompts"."""
+    return f"{count} {noun if count == 1 else plural_noun or noun + 's'}"
+
+
 def url_for(target: Path, page_dir: Path) -> str:
     """Relative URL of `target` from the folder of the page (percent-encoded: spaces, '#', '?' in names)."""
     try:
@@ -36,6 +41,7 @@ def url_for(target: Path, page_dir: Path) -> str:
 class Panel:
     label: str
     ref: ImageRef | None
+    source: Path | None = None  # the file the run recorded for it (None: the run has no such image)
 
 
 @dataclass
@@ -148,11 +154,15 @@ def _render_card(card: Card, page_dir: Path) -> str:
     head = (f'<article class="card" id="{esc(card.anchor)}" data-key="{esc(card.key)}" data-tag="{esc(card.tag)}" '
             f'data-text="{esc(card.text.lower())}"')
     title = f"<h3>{esc(card.title)}</h3>"
-    links = " ".join(
-        f'<a href="{esc(url_for(path, page_dir))}">{esc(label)}</a>' for label, path in card.links if path is not None
-    )
+    # Only files that exist are linked: a rebuilt report never points at an image deleted since the run.
+    existing = [(label, path) for label, path in card.links if path is not None and path.is_file()]
+    links = " ".join(f'<a href="{esc(url_for(path, page_dir))}">{esc(label)}</a>' for label, path in existing)
     links_html = f'<p class="links">{links}</p>' if links else ""
-    missing = [p.label for p in card.panels if p.ref is None]
+    # A recorded file that is gone (or unreadable); a panel of a run without this item is not a missing file.
+    gone = [p for p in card.panels if p.ref is None and p.source is not None]
+    missing = [p.label for p in gone]
+    missing += [label for label, path in card.links
+                if path is not None and not path.is_file() and path not in {p.source for p in gone}]
     missing_html = (f'<p class="missing">missing file: {esc(", ".join(missing))}</p>' if missing else "")
     tail = f"{render_facts(card.facts)}{card.extra_html}{links_html}{missing_html}</article>"
     if not available:
@@ -282,8 +292,9 @@ def line_plot(title: str, x_label: str, series: Sequence[Series], width: int = 3
         return ""
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     x0, x1 = min(xs), max(xs)
-    if x1 - x0 < 1e-9:
-        x0, x1 = x0 - 0.05, x1 + 0.05
+    # A margin on every side, so the first and last markers sit inside the frame, not cut in half by it.
+    x_pad = (x1 - x0) * 0.06 if x1 - x0 >= 1e-9 else 0.05
+    x0, x1 = x0 - x_pad, x1 + x_pad
     y0, y1 = min(ys), max(ys)
     pad = (y1 - y0) * 0.08 or max(abs(y0) * 0.05, 0.01)
     y0, y1 = y0 - pad, y1 + pad

@@ -54,13 +54,17 @@ section.group > h2 { font-weight:600; white-space:pre-wrap; word-break:break-wor
 article.card { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:10px;
   width:min(100%, var(--card-w, 560px)); }
 article.card dl.facts { font-size:12px; }
-article.card table.mini { font-size:12px; }
+article.card table.mini { font-size:12px; display:block; max-width:100%; overflow-x:auto; }
 article.card h3 { font-size:14px; margin:0 0 8px; }
 .viewer { position:relative; width:100%; overflow:hidden; background:#222; cursor:crosshair;
   touch-action:pan-y; user-select:none; -webkit-user-select:none; --pos:50%; }
 .viewer img { position:absolute; inset:0; width:100%; height:100%; display:block; object-fit:fill;
   -webkit-user-drag:none; user-select:none; pointer-events:none; }
+/* Each image only ever fills its own side: while the right (PiD) preview is still loading, its half stays dark
+   instead of showing the left (VAE) image through. */
+.viewer img.va { clip-path:inset(0 calc(100% - var(--pos)) 0 0); }
 .viewer img.vb { clip-path:inset(0 0 0 var(--pos)); }
+.viewer img.loading { visibility:hidden; }
 .viewer .handle { position:absolute; top:0; bottom:0; left:var(--pos); width:2px; margin-left:-1px;
   background:#fff; box-shadow:0 0 0 1px rgba(0,0,0,.45); pointer-events:none; }
 .viewer .tag { position:absolute; top:6px; padding:1px 6px; border-radius:4px; background:rgba(0,0,0,.6);
@@ -77,6 +81,7 @@ ul.strip button { all:unset; cursor:pointer; display:flex; flex-direction:column
 ul.strip button:focus-visible { outline:2px solid var(--accent); }
 ul.strip img { height:72px; width:auto; border:1px solid var(--line); background:#222; }
 .missing { color:var(--bad); }
+.note { color:var(--muted); margin:0 0 6px; }
 .links a { margin-right:12px; }
 table.mini { width:auto; margin:6px 0; }
 #loupe { position:fixed; z-index:20; display:flex; gap:6px; pointer-events:none; background:rgba(20,22,26,.92);
@@ -120,7 +125,12 @@ JS = """
     if (!p || !p.src) return;
     card.setAttribute("data-" + side, String(index));
     var img = card.querySelector(side === "a" ? "img.va" : "img.vb");
-    img.src = p.src;
+    if (img.getAttribute("src") !== p.src) {
+      // hidden until the new image has loaded: never the old picture under the new label
+      img.classList.add("loading");
+      img.onload = img.onerror = function () { img.classList.remove("loading"); };
+      img.src = p.src;
+    }
     img.alt = p.label;
     card.querySelector(side === "a" ? ".ta" : ".tb").textContent = p.label;
     var select = card.querySelector('select.pick[data-side="' + side + '"]');
