@@ -187,3 +187,39 @@ def test_full_mode_freezes_only_the_last_blocks_text_output_branch():
     assert frozen and "patch_blocks.0.attn.proj_y.weight" in trainable
     with pytest.raises(ValueError, match="unknown training mode"):
         set_trainable(net, "lora")
+
+
+def test_training_forward_leaves_inference_unchanged():
+    net = tiny_teacher_net()
+    t = tensors("teacher_step")
+    args = (t["x_t"], t["t_shifted"] * 1000, t["caption_embs"], t["lq_latent_to_net(after LQ dropout)"], t["degrade_sigma"])
+    with torch.no_grad():
+        velocity = net(*args)
+        train = net(*args, train_outputs=True, lq_rgb=True, feature_blocks=[0, 1])
+        early = net(*args, train_outputs=True, feature_blocks=[0], features_only=True)
+    assert torch.equal(train.velocity, velocity)
+    assert train.pred_lq_rgb.shape == (4, 3, 16, 16)
+    assert [tuple(f.shape) for f in train.block_features] == [(4, 32, 4, 4), (4, 32, 4, 4)]
+    assert early.velocity is None and torch.equal(early.block_features[0], train.block_features[0])
+    with pytest.raises(ValueError, match="train_outputs=True"):
+        net(*args, lq_rgb=True)
+    # the state-dict keys are the released files' (the tiny table is the reference's own list)
+    table = json_data("teacher_step")["param_table(i, name, shape, rule)"]
+    assert sorted(net.state_dict()) == sorted(row[1] for row in table)
+
+
+def test_teacher_losses_through_ddp(tmp_path):
+    """teacher_losses calls net(...), so a DistributedDataParallel-wrapped net works (1-rank gloo)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        net = tiny_teacher_net()
+        set_trainable(net, "teacher")
+        losses = teacher_losses(DistributedDataParallel(net), golden_batch(), golden_draws(), shift=6.0)
+        assert_close(losses["total"], json_data("teacher_step")["loss_dict"]["total_loss"])
+        losses["total"].backward()
+        assert_close(net.lq_proj.pit_head.weight.grad, tensors("teacher_step")["grad::lq_proj.pit_head.weight"])
+    finally:
+        dist.destroy_process_group()

@@ -158,7 +158,8 @@ def dmd_inputs(batch: Mapping[str, Tensor], draws: Mapping[str, Tensor]) -> DMDI
 
 
 def _call(net: nn.Module, x: Tensor, t: Tensor, embeds: Tensor, inp: DMDInputs, **kw):
-    return net.forward_train(x, t * NETWORK_TIME_SCALE, embeds, inp.lq_latent, inp.degrade_sigma, **kw)
+    # net(...) rather than net.forward_train, so DDP / FSDP wrappers see the call.
+    return net(x, t * NETWORK_TIME_SCALE, embeds, inp.lq_latent, inp.degrade_sigma, train_outputs=True, **kw)
 
 
 def student_x0(student: nn.Module, inp: DMDInputs, draws: Mapping[str, Tensor], cfg: DMDConfig) -> Tensor:
@@ -190,7 +191,7 @@ def student_losses(
     x0_student = student_x0(student, inp, draws, cfg)
     t = dmd_time(draws["t_normal"], cfg.t_min, cfg.t_max)
     x_t = mix(x0_student, draws["noise"], t)  # not detached: the GAN term backpropagates into the student
-    cond = _call(teacher, x_t, t, inp.caption_embeds, inp, feature_blocks=discriminator.feature_blocks)
+    cond = _call(teacher, x_t, t, inp.caption_embeds, inp, feature_blocks=cfg.feature_blocks)
     with torch.no_grad():
         v_cond = cond.velocity.detach()
         null = inp.null_embeds.expand(x_t.shape[0], -1, -1).to(inp.caption_embeds)
@@ -224,7 +225,7 @@ def fake_score_losses(
     v_fake = _call(fake_score, x_t, t, inp.caption_embeds, inp).velocity
     dsm = dsm_loss(v_fake, eps - x0_student)
 
-    blocks = discriminator.feature_blocks
+    blocks = cfg.feature_blocks
     with torch.no_grad():
         fake_feat = _call(teacher, x_t, t, inp.caption_embeds, inp, feature_blocks=blocks, features_only=True)
         real_x_t = mix(inp.pixels, eps, t)  # same t and eps as the fake sample

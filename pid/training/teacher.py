@@ -120,8 +120,15 @@ def teacher_step_outputs(
     t = logit_normal_time(draws["t_normal"], shift)
     noise = draws["noise"]
     x_t = noisy_pixels(x0, t, noise)
-    out = net.forward_train(
-        x_t, t * NETWORK_TIME_SCALE, batch["caption_embeds"], lq_to_net, degrade_sigma, lq_rgb=True
+    # Through net(...) rather than net.forward_train, so a DDP / FSDP-wrapped net works too.
+    out = net(
+        x_t,
+        t * NETWORK_TIME_SCALE,
+        batch["caption_embeds"],
+        lq_to_net,
+        degrade_sigma,
+        train_outputs=True,
+        lq_rgb=True,
     )
     diffusion = flow_matching_loss(out.velocity, x0, noise)
     align = color_align_loss(out.pred_lq_rgb, lq_image, degrade_sigma, keep_mask)
