@@ -223,3 +223,30 @@ def test_teacher_losses_through_ddp(tmp_path):
         assert_close(net.lq_proj.pit_head.weight.grad, tensors("teacher_step")["grad::lq_proj.pit_head.weight"])
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "config, total, teacher_trainable, student_total, student_trainable",
+    [
+        ("v1pt5_latent16ch", 1_401_300_163, 98_829_376, 1_400_199_315, 1_378_962_579),
+        ("v1pt5_flux2_latent128ch", 1_401_447_619, 98_976_832, None, None),
+    ],
+)
+def test_trainable_counts_of_the_shipped_configs(config, total, teacher_trainable, student_total, student_trainable):
+    """Spec §a's meta-device counts: teacher = lq_proj + pit_lq_gate; DMD student (no aux head) = all but
+    the last block's text output branch."""
+    from dataclasses import replace
+
+    from pid.models import build_pid_net, get_net_config
+
+    def counts(net, mode):
+        names = set(set_trainable(net, mode))
+        return sum(p.numel() for p in net.parameters()), sum(p.numel() for n, p in net.named_parameters() if n in names)
+
+    net = build_pid_net(config, device="meta")
+    assert counts(net, "teacher") == (total, teacher_trainable)
+    assert len(net.state_dict()) == 467
+    if student_total is not None:
+        student = build_pid_net(replace(get_net_config(config), aux_rgb_head=False), device="meta")
+        assert counts(student, "full") == (student_total, student_trainable)
+        assert len(student.state_dict()) == 461
