@@ -110,6 +110,8 @@ def draw_dmd_randomness(
     r1: bool = True,
 ) -> dict[str, Tensor]:
     """One distillation iteration's torch draws in the reference's order (see the module docstring)."""
+    # Drawn where the generator lives (so a CPU generator gives the same draws on any device), then moved.
+    target, device = torch.device(device), generator.device if generator is not None else torch.device(device)
     kw = {"generator": generator, "device": device}
     apply_u = torch.rand(batch_size, **kw)
     if bool((apply_u < apply_prob).any()):
@@ -129,7 +131,7 @@ def draw_dmd_randomness(
     }
     if not student_phase and r1:
         draws["r1_noise"] = torch.randn(batch_size, *pixel_shape, **kw)
-    return draws
+    return {key: value.to(target) for key, value in draws.items()}
 
 
 @dataclass
