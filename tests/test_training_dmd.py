@@ -216,3 +216,52 @@ def test_student_ode_sampler_matches_reference():
         out = sample_student_ode(velocity, t["sampler_ode_draw00_randn"], student_t_list(4))
     assert_close(out, t["sampler_ode_4step_out"])
     assert float(out.sum()) == pytest.approx(json_data("dmd_step")["samplers"]["ode"]["out_sum"], rel=1e-5)
+
+
+@pytest.mark.parametrize("sample_type", ["sde", "ode"])
+def test_self_rollout_to_the_last_step_is_the_reference_sampler(sample_type):
+    """The self-rollout student input (not shipped) run to k = 3 is the 4-step sampler: against the
+    golden `samplers` outputs, with the sampler's recorded re-noise draws as the rollout noise."""
+    from pid.training.dmd import DMDInputs, self_rollout_x0
+
+    student, *_ = tiny_dmd_nets()
+    t = tensors("dmd_step")
+    p = f"sampler_{sample_type}_"
+    inp = DMDInputs(
+        pixels=torch.zeros(2, 3, 64, 64),
+        caption_embeds=stub_caption_embeds(CAPTIONS),
+        null_embeds=stub_caption_embeds(["NEGATIVE"]),
+        lq_latent=t["it60_LQ_latent"],
+        degrade_sigma=torch.tensor([0.2, 0.0]),
+    )
+    rollout_noise = [t[f"{p}draw0{i}_randn_like"] for i in (1, 2, 3)] if sample_type == "sde" else []
+    draws = {
+        "student_noise": t[f"{p}draw00_randn"],
+        "rollout_steps": torch.tensor([3]),
+        "rollout_noise": torch.stack(rollout_noise) if rollout_noise else torch.zeros(0, 2, 3, 64, 64),
+    }
+    set_trainable(student, "full")
+    x0 = self_rollout_x0(student, inp, draws, student_t_list(4), sample_type)
+    assert_close(x0, t[f"{p}4step_out"])
+    x0.sum().backward()  # exactly one call carries grad: the rollout itself does not
+    assert student.lq_proj.latent_proj[0].weight.grad is not None
+    # k = 0 is the student's one step from noise at t = 0.999
+    with torch.no_grad():
+        first = self_rollout_x0(student, inp, {**draws, "rollout_steps": torch.tensor([0])}, student_t_list(4))
+        direct = velocity_to_x0(
+            draws["student_noise"],
+            student(draws["student_noise"], torch.full((2,), 999.0), inp.caption_embeds, inp.lq_latent, inp.degrade_sigma),
+            torch.full((2,), 0.999),
+        )
+    assert_close(first, direct)
+
+
+def test_self_rollout_draws():
+    gen = torch.Generator().manual_seed(3)
+    draws = draw_dmd_randomness(
+        2, (16, 2, 2), (3, 8, 8), student_phase=True, generator=gen, student_input_mode="self_rollout"
+    )
+    k = int(draws["rollout_steps"])
+    assert 0 <= k < 4 and draws["rollout_noise"].shape == (k, 2, 3, 8, 8) and "t_index" not in draws
+    with pytest.raises(ValueError, match="student_input_mode"):
+        draw_dmd_randomness(2, (16, 2, 2), (3, 8, 8), student_phase=True, student_input_mode="rollout")
