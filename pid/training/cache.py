@@ -83,6 +83,10 @@ class LatentCache:
         self._open: OrderedDict[str, Any] = OrderedDict()
         self._null: Tensor | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers get their own file handles
+        return {**self.__dict__, "_open": OrderedDict()}
+
     @property
     def backbone(self) -> str:
         return str(self.identity["backbone"])

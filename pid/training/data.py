@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import tarfile
 from collections import OrderedDict
@@ -202,8 +203,11 @@ class _TarReader:
     def __init__(self, max_open: int = 16) -> None:
         self.max_open = max_open
         self._open: OrderedDict[str, tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]] = OrderedDict()
+        self._pid = os.getpid()
 
     def read(self, path: str, member: str) -> bytes:
+        if os.getpid() != self._pid:  # a forked worker: inherited handles share file offsets with the parent
+            self._open, self._pid = OrderedDict(), os.getpid()
         if path not in self._open:
             archive = tarfile.open(path, "r:")
             self._open[path] = (archive, {m.name: m for m in archive.getmembers()})
