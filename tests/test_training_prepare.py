@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from pid.errors import ConfigError, InputError
@@ -52,12 +51,6 @@ def _dataset(tmp_path: Path, corrupt: bool = False) -> Path:
     manifest = folder / "train.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return manifest
-
-
-def test_downsample_is_the_reference_bicubic_antialiased_quarter():
-    x = torch.rand(1, 3, 66, 70) * 2.4 - 1.2
-    expected = F.interpolate(x, size=(16, 17), mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
-    assert torch.equal(prepare.downsample_lq(x), expected)
 
 
 def test_cached_latents_and_embeddings_equal_encoding_on_the_fly(tmp_path):

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from loguru import logger
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -34,24 +33,15 @@ from pid.training.cache import (
     shard_name,
 )
 from pid.training.data import SkipLog, TrainIndex, build_index, load_pixels
+from pid.training.degradation import downsample
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-
-def downsample_lq(pixels: Tensor, factor: int = 4) -> Tensor:
-    """The reference's LQ image: bicubic, antialiased, to (int(H/f), int(W/f)), clamped to [-1, 1].
-
-    A private copy until the `train` branch's `pid.training.downsample` is merged; it must stay equal to it.
-    """
-    height, width = pixels.shape[-2:]
-    size = (int(height / factor), int(width / factor))
-    return F.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
 
 
 def encode_lq_latent(space: Any, pixels: Tensor) -> Tensor:
     """[B,3,H,W] training pixels -> [B,C,h,w] normalised latent of their LQ image (fp32, on the CPU)."""
     device = next(space.vae.parameters()).device if hasattr(space.vae, "parameters") else torch.device("cpu")
-    return space.encode(downsample_lq(pixels.to(device))).float().cpu()
+    return space.encode(downsample(pixels.to(device))).float().cpu()
 
 
 @dataclass
@@ -256,4 +246,4 @@ def run(settings: Settings, plan: PreparePlan | None = None, latent_space: Any =
     return summary
 
 
-__all__ = ["PreparePlan", "downsample_lq", "encode_lq_latent", "plan_prepare", "prepare_shard", "run", "shard_done"]
+__all__ = ["PreparePlan", "encode_lq_latent", "plan_prepare", "prepare_shard", "run", "shard_done"]
