@@ -16,7 +16,7 @@ from pid.latents import get as get_space
 from pid.train.prepare import load_config
 from pid.training import prepare
 from pid.training.cache import LatentCache
-from pid.training.data import TrainLoader
+from pid.training.data import open_loader
 
 from cli_driver import run_module
 from tiny import tiny_caption_encoder
@@ -63,7 +63,10 @@ def test_cached_latents_and_embeddings_equal_encoding_on_the_fly(tmp_path):
     assert summary["exit_code"] == 0 and summary["images"] == 5 and summary["shards_written"] == 3
     cache = LatentCache(out)
     assert len(cache) == 5
-    loader = TrainLoader(cache.train_index(), global_batch=1, seed=0, cache=cache)
+    loader = open_loader(out, 1, seed=0)  # data= a prepare cache: batches carry the cached tensors
+    assert loader.index.kind == "cache" and len(loader.index) == 5
+    with pytest.raises(ConfigError, match="resolution=256"):
+        open_loader(out, 1, resolution=512)
     seen = set()
     for _, batch in zip(range(10), loader):
         seen.update(batch.keys)
