@@ -103,7 +103,7 @@ def upright_size(source: bytes | Path, name: str) -> tuple[int, int]:
             except (OSError, SyntaxError, ValueError):  # EXIF past a truncation: decoding will tell
                 orientation = None
             return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # 90-degree rotations
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
         raise InputError(f"image {name} cannot be read ({type(err).__name__})") from None
 
 
