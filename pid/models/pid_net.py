@@ -15,7 +15,8 @@ nearest-neighbour resizing, so any (H, W) works, though training used H = h * ls
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,22 @@ class LatentFeatures:
     pit: Tensor | None
     sigma: Tensor
     grid: tuple[int, int]
+    # Training only: the aux RGB head's reconstruction of the LQ image [B, 3, H/sr', W/sr'] (v1.5).
+    lq_rgb: Tensor | None = None
+
+
+@dataclass
+class TrainingOutputs:
+    """What a training forward returns besides the velocity.
+
+    `velocity` [B, 3, H, W] (None when only features were asked for); `pred_lq_rgb`
+    [B, 3, H/4, W/4] (the aux RGB head, when asked for); `block_features` one [B, D, H/P, W/P]
+    map per requested patch block, taken after that block (the discriminator's input).
+    """
+
+    velocity: Tensor | None
+    pred_lq_rgb: Tensor | None = None
+    block_features: list[Tensor] = field(default_factory=list)
 
 
 class LatentAdapter(nn.Module):
@@ -105,8 +122,9 @@ class LatentAdapter(nn.Module):
         if cfg.pit_inject:
             self.pit_head = nn.Linear(width, cfg.hidden_size)
         if cfg.aux_rgb_head:
-            # Training-only auxiliary RGB head of v1.5; never run, kept so released files load strictly.
-            out = cfg.in_channels * (cfg.patch_size // cfg.sr_scale) ** 2
+            # Training-only auxiliary RGB head of v1.5 (colour-alignment loss); never run at inference.
+            self.rgb_patch = cfg.patch_size // cfg.sr_scale
+            out = cfg.in_channels * self.rgb_patch**2
             self.lq_aux_rgb_head = nn.Sequential(
                 nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, out)
             )
@@ -114,16 +132,29 @@ class LatentAdapter(nn.Module):
             SigmaGate(cfg.hidden_size, per_dim=cfg.gate == "per_dim") for _ in range(cfg.num_injections)
         )
 
-    def forward(self, lq_latent: Tensor, grid: tuple[int, int]) -> tuple[list[Tensor], Tensor | None]:
+    def tokens(self, lq_latent: Tensor, grid: tuple[int, int]) -> Tensor:
+        """The CNN's features on the patch grid as tokens [B, L, width], raster order."""
         z = lq_latent.to(self.latent_proj[0].weight.dtype)
         if self.cfg.latent_unpatchify > 1:
             # channel c * u^2 + a * u + b -> channel c at (u * i + a, u * j + b)
             z = F.pixel_shuffle(z, self.cfg.latent_unpatchify)
         z = F.interpolate(z, size=grid, mode="nearest")  # legacy nearest: src = floor(dst * in / out)
-        tokens = self.latent_proj(z).flatten(2).transpose(1, 2)  # [B, L, width], raster order
+        return self.latent_proj(z).flatten(2).transpose(1, 2)
+
+    def forward(self, lq_latent: Tensor, grid: tuple[int, int]) -> tuple[list[Tensor], Tensor | None]:
+        tokens = self.tokens(lq_latent, grid)
         heads = [head(tokens) for head in self.output_heads]
         pit = self.pit_head(tokens) if self.cfg.pit_inject else None
         return heads, pit
+
+    def predict_lq_rgb(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Aux RGB head: each token -> a (P/sr)^2 RGB patch, assembled into [B, 3, gh*P/sr, gw*P/sr]."""
+        if not self.cfg.aux_rgb_head:
+            raise RuntimeError("this network has no aux RGB head (PiDNetConfig.aux_rgb_head=False)")
+        batch, (grid_h, grid_w), k = tokens.shape[0], grid, self.rgb_patch
+        rgb = self.lq_aux_rgb_head(tokens).type_as(tokens)
+        rgb = rgb.view(batch, grid_h, grid_w, self.cfg.in_channels, k, k).permute(0, 3, 1, 4, 2, 5)
+        return rgb.reshape(batch, self.cfg.in_channels, grid_h * k, grid_w * k)
 
 
 class PiDNet(nn.Module):
@@ -202,18 +233,30 @@ class PiDNet(nn.Module):
     # ------------------------------------------------------------------------------------------
 
     def encode_latent(
-        self, lq_latent: Tensor, degrade_sigma: Tensor | float, size: tuple[int, int]
+        self,
+        lq_latent: Tensor,
+        degrade_sigma: Tensor | float,
+        size: tuple[int, int],
+        *,
+        lq_rgb: bool = False,
     ) -> LatentFeatures:
         """Adapter features for decoding `lq_latent` to an image of `size` = (H, W).
 
         They do not depend on x_t or t, so a sampler computes them once and passes them to
-        every step as `forward(..., latent_features=...)`.
+        every step as `forward(..., latent_features=...)`. `lq_rgb=True` (training) also runs
+        the aux RGB head.
         """
         height, width = size
         grid = (height // self.cfg.patch_size, width // self.cfg.patch_size)
-        heads, pit = self.lq_proj(lq_latent, grid)
+        if lq_rgb:
+            tokens = self.lq_proj.tokens(lq_latent, grid)
+            heads = [head(tokens) for head in self.lq_proj.output_heads]
+            pit = self.lq_proj.pit_head(tokens) if self.cfg.pit_inject else None
+            rgb = self.lq_proj.predict_lq_rgb(tokens, grid)
+        else:
+            (heads, pit), rgb = self.lq_proj(lq_latent, grid), None
         sigma = _per_sample(degrade_sigma, lq_latent.shape[0], lq_latent.device)
-        return LatentFeatures(heads=heads, pit=pit, sigma=sigma, grid=grid)
+        return LatentFeatures(heads=heads, pit=pit, sigma=sigma, grid=grid, lq_rgb=rgb)
 
     # ------------------------------------------------------------------------------------------
     # Forward
@@ -230,6 +273,53 @@ class PiDNet(nn.Module):
         latent_features: LatentFeatures | None = None,
         pixel_offset: tuple[int, int] = (0, 0),
     ) -> Tensor:
+        velocity, _ = self._run(x_t, t, caption_embeds, lq_latent, degrade_sigma, latent_features, pixel_offset)
+        return velocity
+
+    def forward_train(
+        self,
+        x_t: Tensor,
+        t: Tensor | float,
+        caption_embeds: Tensor,
+        lq_latent: Tensor,
+        degrade_sigma: Tensor | float = 0.0,
+        *,
+        lq_rgb: bool = False,
+        feature_blocks: Collection[int] = (),
+        features_only: bool = False,
+    ) -> TrainingOutputs:
+        """The training forward: the velocity plus, on request, the aux RGB head's LQ image
+        (`lq_rgb`) and the token maps after the given patch blocks (`feature_blocks`, 0-based).
+        `features_only` stops after the last requested block (no velocity, no pixel blocks)."""
+        if features_only and not feature_blocks:
+            raise ValueError("features_only=True needs feature_blocks")
+        size = (x_t.shape[-2], x_t.shape[-1])
+        features = self.encode_latent(lq_latent, degrade_sigma, size, lq_rgb=lq_rgb)
+        velocity, maps = self._run(
+            x_t,
+            t,
+            caption_embeds,
+            None,
+            degrade_sigma,
+            features,
+            (0, 0),
+            feature_blocks=frozenset(feature_blocks),
+            features_only=features_only,
+        )
+        return TrainingOutputs(velocity=velocity, pred_lq_rgb=features.lq_rgb, block_features=maps)
+
+    def _run(
+        self,
+        x_t: Tensor,
+        t: Tensor | float,
+        caption_embeds: Tensor,
+        lq_latent: Tensor | None,
+        degrade_sigma: Tensor | float,
+        latent_features: LatentFeatures | None,
+        pixel_offset: tuple[int, int],
+        feature_blocks: frozenset[int] = frozenset(),
+        features_only: bool = False,
+    ) -> tuple[Tensor | None, list[Tensor]]:
         cfg = self.cfg
         batch, _, height, width = x_t.shape
         patch = cfg.patch_size
@@ -262,11 +352,16 @@ class PiDNet(nn.Module):
 
         # Patch-level trunk with gated latent injection before every `interval`-th block.
         interval, last = cfg.inject_interval, cfg.patch_depth - 1
+        maps: list[Tensor] = []
         for i, block in enumerate(self.patch_blocks):
             if i % interval == 0:
                 k = i // interval
                 s = self.lq_proj.gate_modules[k](s, latent_features.heads[k], sigma)
             s, y = block(s, y, c, (rope_cos, rope_sin), (text_cos, text_sin), last=i == last)
+            if i in feature_blocks:
+                maps.append(s.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2))
+                if features_only and len(maps) == len(feature_blocks):
+                    return None, maps
 
         s = F.silu(t_emb + s)
         if cfg.pit_inject:
@@ -282,7 +377,9 @@ class PiDNet(nn.Module):
 
         out = self.final_layer(z)  # [B*L, P*P, 3]
         out = out.reshape(batch, grid_h, grid_w, patch, patch, -1).permute(0, 5, 1, 3, 2, 4)
-        return out.reshape(batch, -1, height, width).to(x_t.dtype)
+        return out.reshape(batch, -1, height, width).to(x_t.dtype), maps
+
+
 
 
 def _per_sample(value: Tensor | float, batch: int, device: torch.device) -> Tensor:
