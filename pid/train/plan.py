@@ -15,7 +15,13 @@ from typing import Any, Literal
 
 from pid.errors import CheckpointMismatchError, ConfigError
 from pid.inference.cli import Settings, check_output_dir
-from pid.models.configs import PiDNetConfig, get_net_config, net_config_from_value, net_config_to_dict, released_name
+from pid.models.configs import (
+    PiDNetConfig,
+    get_net_config,
+    net_config_from_value,
+    net_config_to_dict,
+    released_name,
+)
 from pid.train.memory import estimate_train_memory
 
 Mode = Literal["teacher", "full"]
@@ -193,9 +199,8 @@ def default_net_config(backbone: str) -> PiDNetConfig:
 
 def file_net_config(path: str) -> PiDNetConfig | None:
     """The network a weight file or DCP folder carries or matches, reading headers / metadata only."""
-    from pid.training.checkpoint import reference_checkpoint_shapes
-
     from pid.checkpoints import NET_CONFIG_KEY, _embedded_config, detect_net_config
+    from pid.training.checkpoint import reference_checkpoint_shapes
 
     source = Path(path)
     if source.suffix == ".safetensors":

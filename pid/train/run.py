@@ -133,17 +133,12 @@ def wrap_parallel(step: TeacherStep, plan: TrainPlan, device: torch.device) -> n
     return DistributedDataParallel(step, device_ids=ids, broadcast_buffers=True)
 
 
-def make_optimizer(model: nn.Module, plan: TrainPlan, device: torch.device):
+def make_optimizer(model: nn.Module, plan: TrainPlan):
     """AdamW over every trainable parameter (one group, weight decay on all) and the warm-up LambdaLR."""
-    from pid.training import warmup_multiplier
+    from pid.training.optim import build_optimizer, build_warmup_scheduler
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=plan.lr, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=plan.weight_decay, fused=device.type == "cuda" or None)
-    warmup = plan.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda n: warmup_multiplier(n, warmup) if warmup > 0 else 1.0)
-    return optimizer, scheduler
+    optimizer = build_optimizer(model.parameters(), plan.lr, plan.weight_decay)
+    return optimizer, build_warmup_scheduler(optimizer, plan.warmup_steps)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -222,15 +217,15 @@ def run(plan: TrainPlan, encoders: Encoders | None = None, data: Any = None) -> 
     device = torch.device(plan.device) if plan.device else dist.rank_device()
     seed_everything(plan.seed + env.rank)
     run_dir = plan.run_dir
-    if env.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / RUN_FILE, to_json({"identity": plan.identity(),
-                                                       "plan": plan.describe(0, env.world_size)}))
     source = init_file(plan)
     logger.info("init weights from {}", source)
+    if env.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / RUN_FILE, to_json({"identity": plan.identity(), "init_file": str(source),
+                                                       "plan": plan.describe(0, env.world_size)}))
     net = build_network(plan, read_init_weights(source), str(source), device)
     model = wrap_parallel(TeacherStep(net), plan, device)
-    optimizer, scheduler = make_optimizer(model, plan, device)
+    optimizer, scheduler = make_optimizer(model, plan)
     state = TrainState(step=0, model=model, optimizer=optimizer, scheduler=scheduler, ema=init_ema(model))
     data = data if data is not None else open_data(plan, env.rank, env.world_size)
     resume = latest_checkpoint(run_dir)

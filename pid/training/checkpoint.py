@@ -20,6 +20,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,11 @@ from pid.inference.io import atomic_write_text
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+# One process without a process group is a normal case here (DCP warns about it on every call).
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
+# Loading: the frozen parameters are not in the checkpoint (they are the init file's).
+_LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def step_name(step: int) -> str:
@@ -175,7 +180,7 @@ def load_checkpoint(folder: str | os.PathLike, state: Any) -> dict[str, Any]:
     meta = json.loads((folder / "meta.json").read_text())
     tensors, optim_sd = _tensor_state(state)
     dcp.load(tensors, checkpoint_id=str(folder))
-    set_model_state_dict(state.model, tensors["model"], options=_OPTIONS)
+    set_model_state_dict(state.model, tensors["model"], options=_LOAD_OPTIONS)
     optim_sd = {"state": tensors["optim"], "param_groups": meta["param_groups"]}
     set_optimizer_state_dict(state.model, state.optimizer, optim_sd, options=_OPTIONS)
     for name in state.ema:

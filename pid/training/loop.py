@@ -29,7 +29,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pid.training import draw_teacher_randomness, drop_captions, dynamic_shift, ema_beta, teacher_losses
+from pid.training import (
+    draw_teacher_randomness,
+    drop_captions,
+    dynamic_shift,
+    ema_beta,
+    optim,
+    teacher_losses,
+)
 
 LOSS_KEYS = ("total", "diffusion", "align")
 
@@ -139,22 +146,19 @@ def update_ema(ema: dict[str, Tensor], model: nn.Module, beta: float) -> None:
 
 
 def clip_gradients(params: list[nn.Parameter], max_norm: float) -> tuple[float, bool]:
-    """(global grad norm, finite): NaN/inf entries zeroed, an fp64 norm guard, then clipping to `max_norm`.
-
-    A non-finite norm drops every gradient (the step changes no weight), as the reference's GradClip does.
-    """
+    """The reference's clip with the non-finite guard (`pid.training.optim.clip_gradients`); with FSDP2's
+    sharded gradients (DTensors) the norm is taken over all shards by torch's own clip."""
+    if not any(hasattr(p.grad, "full_tensor") for p in params):
+        return optim.clip_gradients(params, max_norm)
     grads = [p.grad for p in params if p.grad is not None]
     for g in grads:
         torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()  # FSDP2: a DTensor over the shards
-    value = float(norm.double())
-    if not math.isfinite(value):
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm).full_tensor().double())
+    if not math.isfinite(norm):
         for p in params:
             p.grad = None
-        return value, False
-    return value, True
+        return math.inf, False
+    return norm, True
 
 
 def reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
