@@ -127,7 +127,12 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise InputError(f"image {path} does not exist")
     if not path.is_file():
         raise InputError(f"image {path} is not a file")
-    data = path.read_bytes()
+    return decode_image(path.read_bytes(), path)
+
+
+def decode_image(data: bytes, path: str | os.PathLike[str]) -> np.ndarray:
+    """`read_image` of bytes already read (a tar member, ...); `path` names the image in messages."""
+    path = Path(path)
     if not data:
         raise InputError(f"image {path} is empty (0 bytes)")
     try:
@@ -286,6 +291,9 @@ class ManifestEntry:
     prompt: str | None
     line: int  # 1-based line number in the manifest
     searched: tuple[Path, ...] = ()  # where a relative path was looked for (all of them, when none exists)
+    # the training manifest's shorter captions (pid.training.data samples among the present ones)
+    prompt_medium: str | None = None
+    prompt_short: str | None = None
 
     def missing_reason(self) -> str | None:
         """None when the image file exists; else a sentence naming every place it was looked for."""
@@ -321,16 +329,18 @@ def read_manifest(path: str | os.PathLike[str], *, check_images: bool = False) -
         if not isinstance(image, str) or not image.strip():
             raise InputError(f'manifest {path} line {number} has no "image" path')
         prompt = record.get("prompt")
-        if prompt is not None and not isinstance(prompt, str):
-            raise InputError(f'manifest {path} line {number}: "prompt" must be a string')
+        for name in ("prompt", "prompt_medium", "prompt_short"):
+            if record.get(name) is not None and not isinstance(record[name], str):
+                raise InputError(f'manifest {path} line {number}: "{name}" must be a string')
         image_path = Path(image).expanduser()
         searched: tuple[Path, ...] = ()
         if not image_path.is_absolute():
             # Our manifests name images relative to themselves; upstream's relative to the working folder.
             searched = (base / image_path, Path.cwd() / image_path)
             image_path = next((p for p in searched if p.is_file()), searched[0])
+        shorter = {name: record[name].strip() or None for name in ("prompt_medium", "prompt_short") if record.get(name)}
         entry = ManifestEntry(image=image_path, prompt=prompt.strip() if prompt else None, line=number,
-                              searched=searched)
+                              searched=searched, **shorter)
         if check_images and entry.missing_reason():
             raise InputError(f"manifest {path} line {number}: {entry.missing_reason()}")
         entries.append(entry)

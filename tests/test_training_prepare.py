@@ -1,0 +1,143 @@
+"""The prepare cache: encoding once equals encoding on the fly; the CLI as a user runs it (resume, bad input)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pid.errors import ConfigError, InputError
+from pid.latents import get as get_space
+from pid.train.prepare import load_config
+from pid.training import prepare
+from pid.training.cache import LatentCache
+from pid.training.data import TrainLoader
+
+from cli_driver import run_module
+from tiny import tiny_caption_encoder
+from tiny_vaes import tiny_autoencoder_kl
+
+MODULE = "pid.train.prepare"
+
+
+def _png(width: int, height: int, seed: int) -> bytes:
+    array = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _dataset(tmp_path: Path, corrupt: bool = False) -> Path:
+    """Five images in two buckets of the 256 fixed table, captions with one to three fields."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    lines = []
+    for i, (w, h) in enumerate([(256, 256), (300, 280), (260, 270), (400, 300), (330, 250)]):
+        (folder / f"p{i}.png").write_bytes(_png(w, h, i))
+        line = {"image": f"p{i}.png", "prompt": f"a long caption {i}"}
+        if i % 2:
+            line["prompt_short"] = f"short {i}"
+        if i == 4:
+            line["prompt_medium"] = "a medium caption"
+        lines.append(line)
+    if corrupt:
+        (folder / "bad.png").write_bytes(b"\x89PNG but not really")
+        lines.append({"image": "bad.png", "prompt": "broken"})
+    manifest = folder / "train.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return manifest
+
+
+def test_cached_latents_and_embeddings_equal_encoding_on_the_fly(tmp_path):
+    manifest = _dataset(tmp_path)
+    space = get_space("flux").attach(tiny_autoencoder_kl(latent_channels=16))
+    encoder = tiny_caption_encoder()
+    out = tmp_path / "cache"
+    settings = load_config([f"data={manifest}", f"out={out}", "resolution=256", "shard_size=2"])
+    summary = prepare.run(settings, latent_space=space, caption_encoder=encoder)
+    assert summary["exit_code"] == 0 and summary["images"] == 5 and summary["shards_written"] == 3
+    cache = LatentCache(out)
+    assert len(cache) == 5
+    loader = TrainLoader(cache.train_index(), global_batch=1, seed=0, cache=cache)
+    seen = set()
+    for _, batch in zip(range(10), loader):
+        seen.update(batch.keys)
+        assert batch.lq_latent.shape[1:] == (16, batch.pixels.shape[2] // 32, batch.pixels.shape[3] // 32)
+        torch.testing.assert_close(batch.lq_latent, prepare.encode_lq_latent(space, batch.pixels), rtol=0, atol=0)
+        torch.testing.assert_close(batch.caption_embeds, encoder.encode(batch.captions), rtol=0, atol=0)
+        torch.testing.assert_close(batch.null_caption_embed, encoder.encode([""])[0], rtol=0, atol=0)
+    assert len(seen) == 5
+    # every caption field of every image is stored, so any later draw finds its embedding
+    for item in cache.train_index().items:
+        for name, text in item.captions:
+            torch.testing.assert_close(cache.tensor(item.key, name), encoder.encode([text])[0], rtol=0, atol=0)
+
+
+def test_a_rerun_skips_finished_shards_and_redoes_a_missing_one(tmp_path):
+    manifest = _dataset(tmp_path)
+    space = get_space("flux").attach(tiny_autoencoder_kl(latent_channels=16))
+    encoder = tiny_caption_encoder()
+    out = tmp_path / "cache"
+    settings = load_config([f"data={manifest}", f"out={out}", "resolution=256", "shard_size=2"])
+    prepare.run(settings, latent_space=space, caption_encoder=encoder)
+    shards = sorted((out / "shards").glob("*.safetensors"))
+    stamps = {p: p.stat().st_mtime_ns for p in shards}
+    shards[1].unlink()
+    (out / "index.json").unlink()
+    again = prepare.run(load_config([f"data={manifest}", f"out={out}", "resolution=256", "shard_size=2"]),
+                        latent_space=space, caption_encoder=encoder)
+    assert again["shards_written"] == 1 and again["images"] == 5
+    assert shards[0].stat().st_mtime_ns == stamps[shards[0]] and shards[2].stat().st_mtime_ns == stamps[shards[2]]
+    # other settings on the same folder: refused before anything is written
+    with pytest.raises(ConfigError, match="buckets differ"):
+        prepare.plan_prepare(load_config([f"data={manifest}", f"out={out}", "buckets=multires", "resolution=256",
+                                          "shard_size=2"]))
+    with pytest.raises(InputError, match="index.json"):
+        LatentCache(tmp_path / "nothing")
+
+
+def test_prepare_cli_writes_the_cache_lists_a_bad_image_and_resumes(tmp_path, hub_cache_env):
+    manifest = _dataset(tmp_path, corrupt=True)
+    out = tmp_path / "cache"
+    args = ("backbone=flux", f"data={manifest}", f"out={out}", "resolution=256", "shard_size=3")
+    done = run_module(MODULE, *args, env=hub_cache_env, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr  # one bad image: the rest is done, the bad one reported
+    assert "cache: 5 images in 2 shards (2 written now); skipped: 1" in done.stdout
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [Path(r["image"]).name for r in skipped] == ["bad.png"]
+    cache = LatentCache(out)
+    assert len(cache) == 5 and cache.backbone == "flux"
+    assert cache.tensor(cache.train_index().items[0].key, "lq_latent").shape == (16, 8, 8)
+    stamp = (out / "shards" / "shard_000000.safetensors").stat().st_mtime_ns
+    rerun = run_module(MODULE, *args, env=hub_cache_env, cwd=tmp_path)
+    assert rerun.returncode == 1 and "(0 written now); skipped: 1" in rerun.stdout, rerun.stderr
+    assert (out / "shards" / "shard_000000.safetensors").stat().st_mtime_ns == stamp
+    assert len((out / "skipped.jsonl").read_text().splitlines()) == 1  # listed once, not once per run
+
+
+def test_prepare_cli_bad_input_is_one_line_and_exit_2_before_anything_is_written(tmp_path):
+    manifest = _dataset(tmp_path)
+    out = tmp_path / "cache"
+    for args, words in [
+        ((f"data={manifest}", f"out={out}", "resolutoin=256"), "unknown option resolutoin"),
+        ((f"data={manifest}", f"out={out}", "resolution=100"), "multiple of 64"),
+        ((f"data={tmp_path / 'missing'}", f"out={out}"), "does not exist"),
+    ]:
+        done = run_module(MODULE, *args, cwd=tmp_path)
+        assert done.returncode == 2, (args, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], (args, done.stderr)
+    assert not out.exists()
+    plan = run_module(MODULE, f"data={manifest}", f"out={out}", "resolution=256", "--dry_run", cwd=tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    described = json.loads(plan.stdout)
+    assert described["data"]["images"] == 5 and described["shards"] == 1 and not out.exists()
+    with pytest.raises(ConfigError, match="out= is required"):
+        prepare.plan_prepare(load_config([f"data={manifest}"]))
+    with pytest.raises(ConfigError, match="buckets must be one of fixed, multires"):
+        load_config([f"data={manifest}", f"out={out}", "buckets=tiles"])
