@@ -38,7 +38,13 @@ def export(run_dir: str | Path, out: str | Path | None = None, dtype: str = "bf1
     from pid.models.configs import net_config_from_value, net_config_to_dict, released_name
     from pid.train.plan import RUN_FILE
     from pid.train.run import init_fresh_adapter, load_init
-    from pid.training.checkpoint import checkpoint_root, latest_checkpoint, read_ema, read_init_weights, step_name
+    from pid.training.checkpoint import (
+        checkpoint_root,
+        latest_checkpoint,
+        read_ema,
+        read_init_weights,
+        step_name,
+    )
 
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / RUN_FILE).is_file():

@@ -54,7 +54,7 @@ class DataSummary:
     source: str
     format: str
     size: int
-    buckets: dict[str, int] = field(default_factory=dict)  # bucket name -> images
+    buckets: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"count", "size_wh"}
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ class TrainPlan:
     frozen_params: int
     data: DataSummary
     resolution: int
+    bucket_mode: str
     steps: int
     batch_size: int
     grad_accum: int
@@ -103,6 +104,7 @@ class TrainPlan:
         return {"mode": self.mode, "backbone": self.backbone, "net_config": net_config_to_dict(self.net_config),
                 "init": self.init.kind, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                 "world_size": self.world_size, "seed": self.seed, "resolution": self.resolution,
+                "buckets": self.bucket_mode,
                 "data": self.data.source}
 
     def describe(self, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
@@ -117,7 +119,7 @@ class TrainPlan:
             "net_config": released_name(self.net_config) or net_config_to_dict(self.net_config),
             "init": self.init.describe(),
             "trainable_params": self.trainable_params, "frozen_params": self.frozen_params,
-            "data": asdict(self.data), "resolution": self.resolution,
+            "data": asdict(self.data), "resolution": self.resolution, "buckets": self.bucket_mode,
             "steps": self.steps, "resume_from_step": self.resume_step, "batch_size_per_gpu": self.batch_size,
             "grad_accum": self.grad_accum, "world_size": world_size, "global_batch": self.global_batch,
             "lr": self.lr, "weight_decay": self.weight_decay, "warmup_steps": self.warmup_steps,
@@ -130,13 +132,9 @@ class TrainPlan:
         }
 
 
-def _largest_bucket(buckets: dict[str, int], resolution: int) -> tuple[int, int]:
-    """(H, W) of the largest bucket with images (bucket names are `WxH`), else a square of `resolution`."""
-    sizes = []
-    for name, count in buckets.items():
-        width, _, height = name.partition("x")
-        if count and width.isdigit() and height.isdigit():
-            sizes.append((int(height), int(width)))
+def _largest_bucket(buckets: dict[str, dict[str, Any]], resolution: int) -> tuple[int, int]:
+    """(H, W) of the largest bucket with images, else a square of `resolution`."""
+    sizes = [(b["size_wh"][1], b["size_wh"][0]) for b in buckets.values() if b.get("count")]
     return max(sizes, key=lambda hw: hw[0] * hw[1]) if sizes else (resolution, resolution)
 
 
@@ -279,8 +277,6 @@ def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
         raise ConfigError("give the training images: data=<folder, manifest.jsonl, WebDataset root or cache>")
     for key in ("steps", "batch_size", "grad_accum", "ckpt_every", "keep_checkpoints", "log_every", "resolution"):
         _positive(settings, key)
-    if settings.resolution % 64:
-        raise ConfigError(f"resolution must be a multiple of 64 (patch and latent grids), got {settings.resolution}")
     _positive(settings, "warmup_steps", 0)
     _positive(settings, "val_every", 0)
     lr = DEFAULT_LR[settings.mode] if settings.lr is None else float(settings.lr)
@@ -299,12 +295,13 @@ def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
     init = resolve_init(settings, backbone)
     net_config = training_net_config(settings, backbone, init)
     trainable, frozen = parameter_counts(net_config, settings.mode)
-    data = summarize_data(settings.data, settings.resolution)
+    data = summarize_data(settings.data, settings.resolution, settings.buckets)
     check_output_dir(settings.output_dir)
     run_dir = Path(settings.output_dir).expanduser().absolute() / (settings.run_name or f"{backbone}_{settings.mode}")
     plan = TrainPlan(
         mode=settings.mode, backbone=backbone, net_config=net_config, init=init, trainable_params=trainable,
-        frozen_params=frozen, data=data, resolution=int(settings.resolution), steps=int(settings.steps),
+        frozen_params=frozen, data=data, resolution=int(settings.resolution),
+        bucket_mode=settings.buckets, steps=int(settings.steps),
         batch_size=int(settings.batch_size), grad_accum=int(settings.grad_accum), world_size=world_size, lr=lr,
         weight_decay=float(weight_decay), warmup_steps=int(settings.warmup_steps), grad_clip=float(settings.grad_clip),
         ema_rate=float(settings.ema_rate), caption_dropout=caption_dropout, lq_dropout=lq_dropout,

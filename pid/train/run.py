@@ -161,9 +161,12 @@ def load_encoders(plan: TrainPlan, device: torch.device) -> Encoders:
 
 
 def open_data(plan: TrainPlan, rank: int, world_size: int):
-    from pid.train.data_source import Batches
+    """This rank's resumable loader; rank 0 lists skipped images in <run>/skipped.jsonl."""
+    from pid.train.data_source import open_loader
 
-    return Batches(plan.data.source, plan.resolution, plan.batch_size, rank, world_size, plan.seed)
+    skipped = plan.run_dir / "skipped.jsonl" if rank == 0 else None
+    return open_loader(plan.data.source, plan.resolution, plan.bucket_mode, plan.batch_size * world_size,
+                       plan.seed, rank, world_size, skipped)
 
 
 def seed_everything(seed: int) -> None:
@@ -243,15 +246,15 @@ def run(plan: TrainPlan, encoders: Encoders | None = None, data: Any = None) -> 
                      log_every=plan.log_every)
 
     def on_log(record: dict[str, Any]) -> None:
+        skip_log = getattr(data, "skip_log", None)
         record = {**record, "peak_memory_gib": peak_memory_gib(device),
-                  "skipped_items": len(getattr(data, "skipped", []))}
+                  "skipped_items": skip_log.count if skip_log is not None else 0}
         if env.rank == 0:
             append_jsonl(run_dir / "metrics.jsonl", record)
 
     def on_checkpoint(current: TrainState, final: bool) -> None:
         folder = save_checkpoint(run_dir, current, data.state_dict(), plan.keep_checkpoints)
         if env.rank == 0:
-            _write_skipped(run_dir, data)
             logger.info("checkpoint {} written", folder.name)
 
     progress = Progress(plan, state.step, plan.progress and env.rank == 0)
@@ -268,13 +271,6 @@ def run(plan: TrainPlan, encoders: Encoders | None = None, data: Any = None) -> 
         logger.info("done: {} steps; export the EMA weights with: python -m pid.train.export {}", state.step,
                     run_dir)
     return EXIT_OK
-
-
-def _write_skipped(run_dir: Path, data: Any) -> None:
-    skipped = getattr(data, "skipped", [])
-    if skipped:
-        text = "".join(json.dumps(row) + "\n" for row in skipped)
-        atomic_write_text(run_dir / "skipped.jsonl", text)
 
 
 def network_config_of_run(run_dir: Path) -> PiDNetConfig:

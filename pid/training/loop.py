@@ -226,7 +226,7 @@ def caption_embeds_of(batch: TrainBatchLike, captions: Sequence[str], encoders: 
     """Caption embeddings after dropout (a dropped caption is encoded as ""): from the cache, else encoded now."""
     cached = getattr(batch, "caption_embeds", None)
     if cached is not None and encoders.encode_captions is None:
-        empty = batch.empty_caption_embeds  # the cache's encoding of ""
+        empty = batch.null_caption_embed  # the cache's encoding of ""
         rows = [cached[i] if text else empty.reshape(cached.shape[1:]) for i, text in enumerate(captions)]
         return torch.stack(rows).to(device=device, dtype=torch.float32)
     with torch.no_grad():
