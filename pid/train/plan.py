@@ -25,8 +25,7 @@ from pid.models.configs import (
 from pid.train.memory import estimate_train_memory
 
 Mode = Literal["teacher", "full"]
-# The reference's teacher trains exactly these (`train_lq_proj_only=True`, spec §a.2).
-ADAPTER_PREFIXES = ("lq_proj.", "pit_lq_gate.")
+
 # The hub's PixelDiT text-to-image backbone every v1.5 teacher starts from (spec §a.2, init ckpt).
 PIXELDIT_FILE = "PixelDiT_finetune_2kto4k/model_ema_bf16.pth"
 # The reference's per-mode optimiser defaults (teacher.py:87-90, finetune.py:105-108).
@@ -244,10 +243,11 @@ def training_net_config(settings: Settings, backbone: str, init: InitSource) -> 
 def parameter_counts(cfg: PiDNetConfig, mode: str) -> tuple[int, int]:
     """(trainable, frozen) parameter counts, from a weightless meta-device build."""
     from pid.models import build_pid_net
+    from pid.training.trainable import is_trainable
 
     trainable = frozen = 0
     for name, param in build_pid_net(cfg, device="meta").named_parameters():
-        if mode == "full" or name.startswith(ADAPTER_PREFIXES):
+        if is_trainable(name, mode, cfg.patch_depth):
             trainable += param.numel()
         else:
             frozen += param.numel()

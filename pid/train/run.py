@@ -20,9 +20,10 @@ from pid.inference import distributed as dist
 from pid.inference.io import append_jsonl, atomic_write_text, to_json
 from pid.models import PiDNet, PiDNetConfig, build_pid_net
 from pid.models.configs import net_config_to_dict
-from pid.train.plan import ADAPTER_PREFIXES, PIXELDIT_FILE, RUN_FILE, TrainPlan
+from pid.train.plan import PIXELDIT_FILE, RUN_FILE, TrainPlan
 from pid.training.checkpoint import latest_checkpoint, load_checkpoint, read_init_weights, save_checkpoint
 from pid.training.loop import Encoders, LoopConfig, TeacherStep, TrainState, init_ema, train_loop
+from pid.training.trainable import TEACHER_TRAINABLE_PREFIXES as ADAPTER_PREFIXES
 
 EXIT_OK, EXIT_INTERRUPTED = 0, 130
 
