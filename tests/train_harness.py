@@ -89,5 +89,7 @@ def train(work: Path, *args: str) -> int:
 if __name__ == "__main__":
     from loguru import logger
 
+    import pid  # noqa: F401  (pid silences its logs on import; a command shows them)
+
     logger.enable("pid")
     sys.exit(train(Path(sys.argv[1]), *sys.argv[2:]))

@@ -44,8 +44,6 @@ from pid.inference.io import atomic_write_text
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
-# One process without a process group is a normal case here (DCP warns about it on every call).
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
 # Loading: the frozen parameters are not in the checkpoint (they are the init file's).
 _LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
@@ -71,6 +69,18 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 def latest_step(run_dir: str | os.PathLike) -> int | None:
     folder = latest_checkpoint(run_dir)
     return None if folder is None else int(json.loads((folder / "meta.json").read_text())["step"])
+
+
+def _dcp_save(state: dict[str, Any], folder: Path) -> None:
+    with warnings.catch_warnings():  # one process without a process group is normal here; DCP warns each call
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=str(folder))
+
+
+def _dcp_load(state: dict[str, Any], folder: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(folder))
 
 
 def _group() -> bool:
@@ -144,7 +154,7 @@ def save_checkpoint(run_dir: str | os.PathLike, state: Any, data_state: Mapping[
         partial.mkdir(parents=True)
     _barrier()
     tensors, optim_sd = _tensor_state(state)
-    dcp.save(tensors, checkpoint_id=str(partial))
+    _dcp_save(tensors, Path(partial))
     (partial / f"rank_{rank}.json").write_text(json.dumps({"data": data_state, "rng": rng_state()}))
     if rank == 0:
         meta = {"step": state.step, "scheduler": _json_safe(state.scheduler.state_dict()),
@@ -179,7 +189,7 @@ def load_checkpoint(folder: str | os.PathLike, state: Any) -> dict[str, Any]:
     folder = Path(folder)
     meta = json.loads((folder / "meta.json").read_text())
     tensors, optim_sd = _tensor_state(state)
-    dcp.load(tensors, checkpoint_id=str(folder))
+    _dcp_load(tensors, Path(folder))
     set_model_state_dict(state.model, tensors["model"], options=_LOAD_OPTIONS)
     optim_sd = {"state": tensors["optim"], "param_groups": meta["param_groups"]}
     set_optimizer_state_dict(state.model, state.optimizer, optim_sd, options=_OPTIONS)
@@ -219,7 +229,7 @@ def read_ema(folder: str | os.PathLike) -> dict[str, Tensor]:
     wanted = {key: item for key, item in metadata.state_dict_metadata.items()
               if key.startswith("ema.") and isinstance(item, TensorStorageMetadata)}
     tensors = {key: torch.empty(item.size, dtype=item.properties.dtype) for key, item in wanted.items()}
-    dcp.load(tensors, checkpoint_id=str(folder))
+    _dcp_load(tensors, Path(folder))
     return {key.removeprefix("ema.net."): value for key, value in tensors.items()}
 
 
@@ -276,6 +286,6 @@ def read_init_weights(path: str | os.PathLike) -> dict[str, Tensor]:
                if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
     if not tensors:
         raise CheckpointMismatchError(f"{path} holds no net.* / net_ema.* tensors (not a PiD model checkpoint)")
-    dcp.load(tensors, checkpoint_id=str(path))
+    _dcp_load(tensors, Path(path))
     logger.info("init: {} tensors ({}*) from the DCP folder {}", len(tensors), prefix, path)
     return {k.removeprefix(prefix): v for k, v in tensors.items()}
