@@ -9,12 +9,20 @@ import torch
 from torch import Tensor, nn
 
 from pid.models.configs import NET_CONFIGS, PiDNetConfig, get_net_config
-from pid.models.pid_net import LatentFeatures, PiDNet
+from pid.models.pid_net import LatentFeatures, PiDNet, TrainingOutputs
 
 if TYPE_CHECKING:
     from pid.checkpoints import CheckpointRecord
 
-__all__ = ["NET_CONFIGS", "LatentFeatures", "PiDNet", "PiDNetConfig", "build_pid_net", "get_net_config"]
+__all__ = [
+    "NET_CONFIGS",
+    "LatentFeatures",
+    "PiDNet",
+    "PiDNetConfig",
+    "TrainingOutputs",
+    "build_pid_net",
+    "get_net_config",
+]
 
 
 def build_pid_net(

@@ -272,9 +272,42 @@ class PiDNet(nn.Module):
         *,
         latent_features: LatentFeatures | None = None,
         pixel_offset: tuple[int, int] = (0, 0),
-    ) -> Tensor:
-        velocity, _ = self._run(x_t, t, caption_embeds, lq_latent, degrade_sigma, latent_features, pixel_offset)
-        return velocity
+        train_outputs: bool = False,
+        lq_rgb: bool = False,
+        feature_blocks: Collection[int] = (),
+        features_only: bool = False,
+    ) -> Tensor | TrainingOutputs:
+        """The velocity [B, 3, H, W]; with `train_outputs=True` a `TrainingOutputs` instead (see
+        `forward_train`). Training goes through here too, so DDP / FSDP wrappers see the call."""
+        if not train_outputs:
+            if lq_rgb or feature_blocks or features_only:
+                raise ValueError("lq_rgb / feature_blocks / features_only need train_outputs=True")
+            velocity, _ = self._run(
+                x_t, t, caption_embeds, lq_latent, degrade_sigma, latent_features, pixel_offset
+            )
+            return velocity
+        if features_only and not feature_blocks:
+            raise ValueError("features_only=True needs feature_blocks")
+        if latent_features is None:
+            if lq_latent is None:
+                raise ValueError("PiDNet needs lq_latent (or precomputed latent_features)")
+            size = (x_t.shape[-2], x_t.shape[-1])
+            latent_features = self.encode_latent(lq_latent, degrade_sigma, size, lq_rgb=lq_rgb)
+        elif lq_rgb and latent_features.lq_rgb is None:
+            raise ValueError("lq_rgb=True needs latent_features computed with encode_latent(..., lq_rgb=True)")
+        velocity, maps = self._run(
+            x_t,
+            t,
+            caption_embeds,
+            None,
+            degrade_sigma,
+            latent_features,
+            pixel_offset,
+            feature_blocks=frozenset(feature_blocks),
+            features_only=features_only,
+        )
+        rgb = latent_features.lq_rgb if lq_rgb else None
+        return TrainingOutputs(velocity=velocity, pred_lq_rgb=rgb, block_features=maps)
 
     def forward_train(
         self,
@@ -289,24 +322,20 @@ class PiDNet(nn.Module):
         features_only: bool = False,
     ) -> TrainingOutputs:
         """The training forward: the velocity plus, on request, the aux RGB head's LQ image
-        (`lq_rgb`) and the token maps after the given patch blocks (`feature_blocks`, 0-based).
-        `features_only` stops after the last requested block (no velocity, no pixel blocks)."""
-        if features_only and not feature_blocks:
-            raise ValueError("features_only=True needs feature_blocks")
-        size = (x_t.shape[-2], x_t.shape[-1])
-        features = self.encode_latent(lq_latent, degrade_sigma, size, lq_rgb=lq_rgb)
-        velocity, maps = self._run(
+        (`lq_rgb`, [B, 3, H/4, W/4]) and the token maps [B, D, H/P, W/P] after the given patch
+        blocks (`feature_blocks`, 0-based). `features_only` stops after the last requested block
+        (velocity None; no pixel blocks). Same as `self(..., train_outputs=True, ...)`."""
+        return self(
             x_t,
             t,
             caption_embeds,
-            None,
+            lq_latent,
             degrade_sigma,
-            features,
-            (0, 0),
-            feature_blocks=frozenset(feature_blocks),
+            train_outputs=True,
+            lq_rgb=lq_rgb,
+            feature_blocks=feature_blocks,
             features_only=features_only,
         )
-        return TrainingOutputs(velocity=velocity, pred_lq_rgb=features.lq_rgb, block_features=maps)
 
     def _run(
         self,

@@ -6,12 +6,15 @@ iteration, in the reference's order: latent noising (apply u [B]; sigma u [B] an
 sample is noised), student-input noise [B, 3, H, W], t-list index randint(0, steps) [B],
 perturbation z [B], perturbation eps [B, 3, H, W], and in the fake phase the R1 noise
 [B, 3, H, W]. Caption dropout uses Python's RNG (`drop_captions`). LQ dropout is 0 here.
+The self-rollout student input (implemented by the reference, not enabled by its configs) draws
+randint(0, steps) [1] and one re-noise eps per rollout step in place of the t-list index.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +47,10 @@ class DMDConfig:
     r1_weight: float = 200.0
     r1_alpha: float = 0.1
     feature_blocks: tuple[int, ...] = (7,)
+    # "teacher_forcing" (shipped): the real image noised to a random t of the list; "self_rollout":
+    # the student's own no-grad rollout from noise to a random step k, then one step with grad.
+    student_input_mode: Literal["teacher_forcing", "self_rollout"] = "teacher_forcing"
+    student_sample_type: Literal["sde", "ode"] = "sde"  # the self-rollout's stepping
 
     @property
     def num_student_steps(self) -> int:
@@ -63,7 +70,9 @@ def gan_generator_weight(iteration: int, weight: float = 0.05, warmup: int = 100
 
 
 def student_t_list(
-    num_steps: int | None = None, t_list: Sequence[float] = DISTILLED_T_LIST, device: torch.device | str = "cpu"
+    num_steps: int | None = None,
+    t_list: Sequence[float] = DISTILLED_T_LIST,
+    device: torch.device | str = "cpu",
 ) -> Tensor:
     """The student's time list (fp32), subsampled evenly to `num_steps` + 1 points when that differs
     from the trained step count (2 -> [0.999, 0.634, 0], 1 -> [0.999, 0])."""
@@ -108,8 +117,17 @@ def draw_dmd_randomness(
     num_student_steps: int = 4,
     apply_prob: float = LATENT_NOISE_APPLY_PROB,
     r1: bool = True,
+    student_input_mode: str = "teacher_forcing",
+    student_sample_type: str = "sde",
 ) -> dict[str, Tensor]:
-    """One distillation iteration's torch draws in the reference's order (see the module docstring)."""
+    """One distillation iteration's torch draws in the reference's order (see the module docstring),
+    from `generator` (else torch's global RNG), returned on `device`.
+
+    Self-rollout draws, instead of the t-list index, the rollout length k = randint(0, steps) [1] and
+    then (SDE) one re-noise eps per rollout step, `rollout_noise` [k, B, 3, H, W].
+    """
+    # Drawn where the generator lives (so a CPU generator gives the same draws on any device), then moved.
+    target, device = torch.device(device), generator.device if generator is not None else torch.device(device)
     kw = {"generator": generator, "device": device}
     apply_u = torch.rand(batch_size, **kw)
     if bool((apply_u < apply_prob).any()):
@@ -123,13 +141,27 @@ def draw_dmd_randomness(
         "degrade_sigma_u": sigma_u,
         "degrade_noise": degrade_noise,
         "student_noise": torch.randn(batch_size, *pixel_shape, **kw),
-        "t_index": torch.randint(0, num_student_steps, (batch_size,), **kw),
-        "t_normal": torch.randn(batch_size, **kw),
-        "noise": torch.randn(batch_size, *pixel_shape, **kw),
     }
+    if student_input_mode == "teacher_forcing":
+        draws["t_index"] = torch.randint(0, num_student_steps, (batch_size,), **kw)
+    elif student_input_mode == "self_rollout":
+        steps = torch.randint(0, num_student_steps, (1,), **kw)
+        count = int(steps) if student_sample_type == "sde" else 0
+        draws["rollout_steps"] = steps
+        draws["rollout_noise"] = (
+            torch.stack([torch.randn(batch_size, *pixel_shape, **kw) for _ in range(count)])
+            if count
+            else torch.zeros(0, batch_size, *pixel_shape, device=device)
+        )
+    else:
+        raise ValueError(
+            f"unknown student_input_mode {student_input_mode!r}; use teacher_forcing or self_rollout"
+        )
+    draws["t_normal"] = torch.randn(batch_size, **kw)
+    draws["noise"] = torch.randn(batch_size, *pixel_shape, **kw)
     if not student_phase and r1:
         draws["r1_noise"] = torch.randn(batch_size, *pixel_shape, **kw)
-    return draws
+    return {key: value.to(target) for key, value in draws.items()}
 
 
 @dataclass
@@ -158,15 +190,38 @@ def dmd_inputs(batch: Mapping[str, Tensor], draws: Mapping[str, Tensor]) -> DMDI
 
 
 def _call(net: nn.Module, x: Tensor, t: Tensor, embeds: Tensor, inp: DMDInputs, **kw):
-    return net.forward_train(x, t * NETWORK_TIME_SCALE, embeds, inp.lq_latent, inp.degrade_sigma, **kw)
+    # net(...) rather than net.forward_train, so DDP / FSDP wrappers see the call.
+    return net(x, t * NETWORK_TIME_SCALE, embeds, inp.lq_latent, inp.degrade_sigma, train_outputs=True, **kw)
 
 
 def student_x0(student: nn.Module, inp: DMDInputs, draws: Mapping[str, Tensor], cfg: DMDConfig) -> Tensor:
-    """x0 of the student on its teacher-forcing input (grad flows when grad mode is on)."""
+    """x0 of the student on its training input (grad flows through one network call when grad mode is on)."""
     t_list = student_t_list(None, cfg.t_list, inp.pixels.device)
+    if cfg.student_input_mode == "self_rollout":
+        return self_rollout_x0(student, inp, draws, t_list, cfg.student_sample_type)
     x_in, t_student = teacher_forcing_input(inp.pixels, draws["student_noise"], draws["t_index"], t_list)
     v = _call(student, x_in, t_student, inp.caption_embeds, inp).velocity
     return velocity_to_x0(x_in, v, t_student)
+
+
+def self_rollout_x0(
+    student: nn.Module, inp: DMDInputs, draws: Mapping[str, Tensor], t_list: Tensor, sample_type: str = "sde"
+) -> Tensor:
+    """The DMD2-style student input (not shipped): roll the student out from noise for k steps without
+    grad (SDE re-noise with `rollout_noise`, or ODE), then its x0 at step k with grad (input detached)."""
+    x, batch = draws["student_noise"], inp.pixels.shape[0]
+    steps = int(draws["rollout_steps"].reshape(-1)[0])
+    with torch.no_grad():
+        for i in range(steps):
+            t_cur = t_list[i].expand(batch)
+            v = _call(student, x, t_cur, inp.caption_embeds, inp).velocity
+            if sample_type == "sde":
+                x = mix(velocity_to_x0(x, v, t_cur), draws["rollout_noise"][i], t_list[i + 1].expand(batch))
+            else:
+                x = x + (t_list[i + 1] - t_list[i]) * v
+    t_cur = t_list[steps].expand(batch)
+    x = x.detach()
+    return velocity_to_x0(x, _call(student, x, t_cur, inp.caption_embeds, inp).velocity, t_cur)
 
 
 def student_losses(
@@ -190,7 +245,7 @@ def student_losses(
     x0_student = student_x0(student, inp, draws, cfg)
     t = dmd_time(draws["t_normal"], cfg.t_min, cfg.t_max)
     x_t = mix(x0_student, draws["noise"], t)  # not detached: the GAN term backpropagates into the student
-    cond = _call(teacher, x_t, t, inp.caption_embeds, inp, feature_blocks=discriminator.feature_blocks)
+    cond = _call(teacher, x_t, t, inp.caption_embeds, inp, feature_blocks=cfg.feature_blocks)
     with torch.no_grad():
         v_cond = cond.velocity.detach()
         null = inp.null_embeds.expand(x_t.shape[0], -1, -1).to(inp.caption_embeds)
@@ -224,11 +279,13 @@ def fake_score_losses(
     v_fake = _call(fake_score, x_t, t, inp.caption_embeds, inp).velocity
     dsm = dsm_loss(v_fake, eps - x0_student)
 
-    blocks = discriminator.feature_blocks
+    blocks = cfg.feature_blocks
     with torch.no_grad():
         fake_feat = _call(teacher, x_t, t, inp.caption_embeds, inp, feature_blocks=blocks, features_only=True)
         real_x_t = mix(inp.pixels, eps, t)  # same t and eps as the fake sample
-        real_feat = _call(teacher, real_x_t, t, inp.caption_embeds, inp, feature_blocks=blocks, features_only=True)
+        real_feat = _call(
+            teacher, real_x_t, t, inp.caption_embeds, inp, feature_blocks=blocks, features_only=True
+        )
     real_logits = discriminator(real_feat.block_features)
     fake_logits = discriminator(fake_feat.block_features)
     gan_disc = gan_discriminator_loss(real_logits, fake_logits)

@@ -47,12 +47,15 @@ def draw_teacher_randomness(
     apply_prob: float = LATENT_NOISE_APPLY_PROB,
     lq_dropout: float = LQ_DROPOUT,
 ) -> dict[str, Tensor]:
-    """The teacher step's torch draws, in the reference's order, from `generator` (else torch's global RNG).
+    """The teacher step's torch draws, in the reference's order, from `generator` (else torch's global RNG),
+    returned on `device`.
 
     `latent_shape` / `pixel_shape` are per sample ([C, h, w] / [3, H, W]). Draws the reference
     skips (sigma u and eps when no sample is noised; the keep mask when lq_dropout is 0) are not
     made; their entries are filled with values that leave the step unchanged.
     """
+    # Drawn where the generator lives (so a CPU generator gives the same draws on any device), then moved.
+    target, device = torch.device(device), generator.device if generator is not None else torch.device(device)
     kw = {"generator": generator, "device": device}
     apply_u = torch.rand(batch_size, **kw)
     if bool((apply_u < apply_prob).any()):
@@ -68,7 +71,7 @@ def draw_teacher_randomness(
         keep_lq = torch.ones(batch_size, dtype=torch.bool, device=device)
     t_normal = torch.randn(batch_size, **kw)
     noise = torch.randn(batch_size, *pixel_shape, **kw)
-    return {
+    draws = {
         "degrade_apply_u": apply_u,
         "degrade_sigma_u": sigma_u,
         "degrade_noise": degrade_noise,
@@ -76,6 +79,7 @@ def draw_teacher_randomness(
         "t_normal": t_normal,
         "noise": noise,
     }
+    return {key: value.to(target) for key, value in draws.items()}
 
 
 @dataclass
@@ -120,8 +124,15 @@ def teacher_step_outputs(
     t = logit_normal_time(draws["t_normal"], shift)
     noise = draws["noise"]
     x_t = noisy_pixels(x0, t, noise)
-    out = net.forward_train(
-        x_t, t * NETWORK_TIME_SCALE, batch["caption_embeds"], lq_to_net, degrade_sigma, lq_rgb=True
+    # Through net(...) rather than net.forward_train, so a DDP / FSDP-wrapped net works too.
+    out = net(
+        x_t,
+        t * NETWORK_TIME_SCALE,
+        batch["caption_embeds"],
+        lq_to_net,
+        degrade_sigma,
+        train_outputs=True,
+        lq_rgb=True,
     )
     diffusion = flow_matching_loss(out.velocity, x0, noise)
     align = color_align_loss(out.pred_lq_rgb, lq_image, degrade_sigma, keep_mask)
