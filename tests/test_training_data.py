@@ -19,7 +19,9 @@ from pid.training.data import (
     SkipLog,
     TrainLoader,
     build_index,
+    describe_data,
     load_pixels,
+    open_loader,
     pick_caption_field,
     place_pixels,
 )
@@ -296,3 +298,19 @@ def test_no_bucket_with_a_full_batch_is_a_clear_error(tmp_path):
     index = build_index(_folder(tmp_path, [(256, 256), (400, 300)]), BucketSpec(resolution=256))
     with pytest.raises(ConfigError, match="no bucket holds a full global batch"):
         TrainLoader(index, global_batch=2)
+
+
+def test_open_loader_lists_index_skips_on_rank_0_only_and_describe_data_reads_headers_only(tmp_path):
+    folder = _folder(tmp_path, [(256, 256)] * 4 + [(90, 90)])
+    skipped = tmp_path / "run" / "skipped.jsonl"
+    ranks = [open_loader(folder, 2, resolution=256, seed=1, rank=r, world_size=2, skipped_path=skipped)
+             for r in (0, 1)]
+    assert [len(loader.skipped) for loader in ranks] == [1, 1]  # both count it ...
+    assert len(skipped.read_text().splitlines()) == 1  # ... rank 0 lists it
+    single = open_loader(folder, 4, resolution=256, seed=1)
+    a, b, one = next(iter(ranks[0])), next(iter(ranks[1])), next(iter(single))
+    assert a.keys + b.keys == one.keys and a.pixels.shape == (2, 3, 256, 256)
+    summary = describe_data(folder, resolution=256)
+    assert summary["kind"] == "folder" and summary["images"] == 4
+    assert summary["buckets"] == {"1,1": {"count": 4, "size_wh": [256, 256]}}
+    assert [Path(r["image"]).name for r in summary["skipped"]] == ["img04.png"]

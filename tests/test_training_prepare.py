@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
 from PIL import Image
 
 from pid.errors import ConfigError, InputError
+from pid.inference import distributed as pdist
 from pid.latents import get as get_space
 from pid.train.prepare import load_config
 from pid.training import prepare
 from pid.training.cache import LatentCache
-from pid.training.data import TrainLoader
+from pid.training.data import open_loader
 
-from cli_driver import run_module
+from cli_driver import cli_env, run_module
 from tiny import tiny_caption_encoder
 from tiny_vaes import tiny_autoencoder_kl
 
@@ -63,7 +68,10 @@ def test_cached_latents_and_embeddings_equal_encoding_on_the_fly(tmp_path):
     assert summary["exit_code"] == 0 and summary["images"] == 5 and summary["shards_written"] == 3
     cache = LatentCache(out)
     assert len(cache) == 5
-    loader = TrainLoader(cache.train_index(), global_batch=1, seed=0, cache=cache)
+    loader = open_loader(out, 1, seed=0)  # data= a prepare cache: batches carry the cached tensors
+    assert loader.index.kind == "cache" and len(loader.index) == 5
+    with pytest.raises(ConfigError, match="resolution=256"):
+        open_loader(out, 1, resolution=512)
     seen = set()
     for _, batch in zip(range(10), loader):
         seen.update(batch.keys)
@@ -133,11 +141,65 @@ def test_prepare_cli_bad_input_is_one_line_and_exit_2_before_anything_is_written
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0], (args, done.stderr)
     assert not out.exists()
-    plan = run_module(MODULE, f"data={manifest}", f"out={out}", "resolution=256", "--dry_run", cwd=tmp_path)
+    # the dry run of torchrun's rank 1 of 2: its shards, nothing loaded or written
+    plan = run_module(MODULE, f"data={manifest}", f"out={out}", "resolution=256", "shard_size=2", "--dry_run",
+                      cwd=tmp_path, env=cli_env(RANK="1", WORLD_SIZE="2"))
     assert plan.returncode == 0, plan.stderr
     described = json.loads(plan.stdout)
-    assert described["data"]["images"] == 5 and described["shards"] == 1 and not out.exists()
+    assert described["data"]["images"] == 5 and described["shards"] == 3 and described["my_shards"] == [1]
+    assert described["data"]["buckets"] == {"1,1": {"count": 3, "size_wh": [256, 256]},
+                                            "4,3": {"count": 2, "size_wh": [320, 192]}}
+    assert not out.exists()
     with pytest.raises(ConfigError, match="out= is required"):
         prepare.plan_prepare(load_config([f"data={manifest}"]))
     with pytest.raises(ConfigError, match="buckets must be one of fixed, multires"):
         load_config([f"data={manifest}", f"out={out}", "buckets=tiles"])
+
+
+class _StubSpace:
+    """Pure-torch stand-ins (no diffusers / transformers import in the spawned ranks): latent = conv(avgpool8)."""
+
+    def __init__(self) -> None:
+        self.vae = torch.nn.Conv2d(3, 4, 1)
+        with torch.no_grad():
+            self.vae.weight.copy_(torch.arange(12.0).reshape(4, 3, 1, 1) / 10)
+            self.vae.bias.zero_()
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vae(F.avg_pool2d(images, 8))
+
+
+class _StubCaptions:
+    def __init__(self) -> None:
+        self.model = torch.nn.Linear(1, 1)
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        codes = torch.tensor([[float(sum(map(ord, t)) % 97)] for t in texts])
+        return torch.sin(codes[:, :, None] * torch.arange(1.0, 25.0).reshape(1, 6, 4))
+
+
+def _prepare_worker(rank: int, world: int, port: int, manifest: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    settings = load_config([f"data={manifest}", f"out={out}", "resolution=256", "shard_size=2", "device=cpu"])
+    summary = prepare.run(settings, latent_space=_StubSpace(), caption_encoder=_StubCaptions())
+    assert summary["shards_written"] == (2 if rank == 0 else 1)
+    pdist.cleanup()
+
+
+def test_two_gloo_ranks_split_the_shards_and_build_the_same_cache_as_one(tmp_path, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    manifest = _dataset(tmp_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_prepare_worker, args=(2, port, str(manifest), str(tmp_path / "two")), nprocs=2, join=True)
+    settings = load_config([f"data={manifest}", f"out={tmp_path / 'one'}", "resolution=256", "shard_size=2"])
+    prepare.run(settings, latent_space=_StubSpace(), caption_encoder=_StubCaptions())
+    two, one = LatentCache(tmp_path / "two"), LatentCache(tmp_path / "one")
+    assert two.where == one.where and len(two) == 5
+    for item in one.train_index().items:
+        for name in ["lq_latent", *(field for field, _ in item.captions)]:
+            assert torch.equal(two.tensor(item.key, name), one.tensor(item.key, name))

@@ -1,5 +1,13 @@
 """Training data: sources -> an index of (image, captions, bucket) -> shape-uniform, rank-sharded, resumable batches.
 
+The trainer's entry (a folder, manifest, WebDataset root or prepare cache; `batch_size` images per rank):
+
+    loader = open_loader(data, batch_size, resolution=2048, seed=0, rank=rank, world_size=world,
+                         skipped_path=run_dir / "skipped.jsonl")
+    describe_data(data, resolution=2048)     # the dry run's summary: images, buckets, skipped; reads headers only
+
+Or by hand:
+
     from pid.training.data import TrainLoader, build_index
     index = build_index("photos/", BucketSpec(resolution=512), skip_log=SkipLog(run_dir / "skipped.jsonl"))
     loader = TrainLoader(index, global_batch=8, seed=0, rank=rank, world_size=world)
@@ -21,7 +29,7 @@ The batch type every training step reads (the cached path fills the last three f
         null_caption_embed: Tensor | None  [L,D] cached embedding of "" (what a dropped caption becomes)
         skipped: list[dict]            images replaced in this batch because they could not be loaded
 
-Sources (`build_index(data, ...)`): a folder of images with same-name `.txt` captions; a JSONL manifest
+Sources (`pid.training.sources`): a folder of images with same-name `.txt` captions; a JSONL manifest
 (`image`, `prompt`, optional `prompt_medium`, `prompt_short`; relative paths against the manifest's folder, then
 the working folder); or the reference's WebDataset layout (`aspect_ratio_W_H/{image,caption}/part_*/*.tar` with a
 `wdinfo.json` per sub-root; only the 7 trained aspect ratios), read with the `webdataset` library.
@@ -38,12 +46,7 @@ is replaced by the next image of its bucket in this epoch's order; either way it
 
 from __future__ import annotations
 
-import io
-import json
-import os
 import random
-import tarfile
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -52,49 +55,29 @@ from typing import Any
 import numpy as np
 import torch
 from loguru import logger
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
 from pid.errors import ConfigError, InputError, PiDError
-from pid.inference.io import append_jsonl, decode_image, read_json_file, read_manifest
-from pid.training.buckets import WDS_ASPECT_DIRS, BucketSpec, Placement, center_crop_offset
+from pid.inference.io import append_jsonl, decode_image
+from pid.training.buckets import BucketSpec, Placement, center_crop_offset
+from pid.training.sources import (
+    CAPTION_FIELDS,
+    Item,
+    caption_fields,
+    caption_rng,
+    pick_caption_field,
+    read_item_bytes,
+    scan_source,
+    skip_record,
+    source_kind,
+)
 
-CAPTION_FIELDS: tuple[str, ...] = ("prompt", "prompt_medium", "prompt_short")
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _MAX_REPLACEMENTS = 8  # images tried in place of one that fails to load
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Records
-
-
-@dataclass(frozen=True)
-class Item:
-    """One training image: where its bytes are, its upright native size and its caption fields."""
-
-    key: str
-    path: str  # the image file, or the tar holding it
-    member: str | None  # the tar member name (None for a plain file)
-    width: int
-    height: int
-    captions: tuple[tuple[str, str], ...]  # (field, text) of the non-empty caption fields, in CAPTION_FIELDS order
-
-    @property
-    def caption_dict(self) -> dict[str, str]:
-        return dict(self.captions)
-
-    @property
-    def where(self) -> str:
-        return f"{self.path}#{self.member}" if self.member else self.path
-
-    def to_json(self) -> dict[str, Any]:
-        return {"key": self.key, "path": self.path, "member": self.member, "width": self.width,
-                "height": self.height, "captions": dict(self.captions)}
-
-    @classmethod
-    def from_json(cls, record: Mapping[str, Any]) -> Item:
-        return cls(record["key"], record["path"], record.get("member"), int(record["width"]), int(record["height"]),
-                   caption_fields(record["captions"]))
+# Batches and skipped images
 
 
 @dataclass
@@ -141,95 +124,21 @@ class SkipLog:
         if self.callback is not None:
             self.callback(dict(record))
 
+    def remember(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Count records listed elsewhere (e.g. by rank 0) without listing them again."""
+        for record in records:
+            ident = f"{record.get('key')}\0{record.get('image')}"
+            if ident not in self._seen:
+                self._seen.add(ident)
+                self.records.append(dict(record))
+
     @property
     def count(self) -> int:
         return len(self.records)
 
 
-def _skip(key: str, image: str, reason: str, stage: str) -> dict[str, Any]:
-    return {"key": key, "image": image, "reason": reason, "stage": stage}
-
-
 # ------------------------------------------------------------------------------------------------------------
-# Captions
-
-
-def caption_fields(data: Any) -> tuple[tuple[str, str], ...]:
-    """The non-empty caption fields of a caption record (`CaptionExtractor`): a string is the `prompt`; a dict may
-    nest its fields under `caption` / `captions`."""
-    while isinstance(data, Mapping) and isinstance(data.get("caption", data.get("captions")), Mapping):
-        data = data["caption"] if isinstance(data.get("caption"), Mapping) else data["captions"]
-    if isinstance(data, str):
-        return (("prompt", data),) if data.strip() else ()
-    if not isinstance(data, Mapping):
-        return ()
-    return tuple((name, data[name]) for name in CAPTION_FIELDS if isinstance(data.get(name), str) and data[name])
-
-
-def pick_caption_field(captions: Sequence[tuple[str, str]], rng: random.Random) -> str:
-    """One field name, uniformly among the present ones (the reference's 1:1:1 `random.choices`)."""
-    names = [name for name, _ in captions]
-    (name,) = rng.choices(names, weights=[1.0] * len(names), k=1)
-    return name
-
-
-def caption_rng(seed: int, epoch: int, key: str) -> random.Random:
-    """The caption draw of one image in one epoch: the same on every rank and after a resume."""
-    return random.Random(f"{seed}/{epoch}/{key}")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Image bytes and pixels
-
-
-def upright_size(source: bytes | Path, name: str) -> tuple[int, int]:
-    """(width, height) from the image header (file or bytes), after the EXIF orientation (as `read_image`
-    decodes it). Reads the header only."""
-    try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-            width, height = img.size
-            try:
-                orientation = img.getexif().get(0x0112)
-            except (OSError, SyntaxError, ValueError):  # EXIF past a truncation: decoding will tell
-                orientation = None
-            return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # 90-degree rotations
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise InputError(f"image {name} cannot be read ({type(err).__name__})") from None
-
-
-class _TarReader:
-    """Random access to tar members (a process-local handle cache: each DataLoader worker opens its own)."""
-
-    def __init__(self, max_open: int = 16) -> None:
-        self.max_open = max_open
-        self._open: OrderedDict[str, tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]] = OrderedDict()
-        self._pid = os.getpid()
-
-    def read(self, path: str, member: str) -> bytes:
-        if os.getpid() != self._pid:  # a forked worker: inherited handles share file offsets with the parent
-            self._open, self._pid = OrderedDict(), os.getpid()
-        if path not in self._open:
-            archive = tarfile.open(path, "r:")
-            self._open[path] = (archive, {m.name: m for m in archive.getmembers()})
-            while len(self._open) > self.max_open:
-                self._open.popitem(last=False)[1][0].close()
-        self._open.move_to_end(path)
-        archive, members = self._open[path]
-        info = members.get(member)
-        handle = archive.extractfile(info) if info is not None else None
-        if handle is None:
-            raise InputError(f"tar {path} has no member {member}")
-        return handle.read()
-
-
-_TARS = _TarReader()
-
-
-def read_item_bytes(item: Item) -> bytes:
-    try:
-        return _TARS.read(item.path, item.member) if item.member else Path(item.path).read_bytes()
-    except (OSError, tarfile.TarError) as err:
-        raise InputError(f"image {item.where} cannot be read ({type(err).__name__}: {err})") from None
+# Pixels
 
 
 def to_signed(image: np.ndarray) -> Tensor:
@@ -258,144 +167,6 @@ def load_pixels(item: Item, placement: Placement) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Sources -> items
-
-
-def _unique(key: str, seen: set[str]) -> str:
-    if key not in seen:
-        seen.add(key)
-        return key
-    n = 2
-    while f"{key}#{n}" in seen:
-        n += 1
-    seen.add(f"{key}#{n}")
-    return f"{key}#{n}"
-
-
-def scan_folder(folder: Path, skip: Callable[[dict[str, Any]], None]) -> list[Item]:
-    """Images under `folder` (recursively, sorted) with a same-name `.txt` caption beside each."""
-    items: list[Item] = []
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
-        key = path.relative_to(folder).with_suffix("").as_posix()
-        text_path = path.with_suffix(".txt")
-        text = text_path.read_text(encoding="utf-8", errors="replace").strip() if text_path.is_file() else ""
-        if not text:
-            skip(_skip(key, str(path), f"no caption: write one into {text_path.name}", "index"))
-            continue
-        try:
-            width, height = upright_size(path, str(path))
-        except InputError as err:
-            skip(_skip(key, str(path), str(err), "index"))
-            continue
-        items.append(Item(key, str(path), None, width, height, (("prompt", text),)))
-    return items
-
-
-def scan_manifest(manifest: Path, skip: Callable[[dict[str, Any]], None]) -> list[Item]:
-    """The lines of a JSONL manifest (`image`, `prompt`, optional `prompt_medium`, `prompt_short`)."""
-    items: list[Item] = []
-    seen: set[str] = set()
-    for entry in read_manifest(manifest):
-        key = _unique(str(entry.image), seen)
-        captions = caption_fields({"prompt": entry.prompt or "", "prompt_medium": entry.prompt_medium or "",
-                                   "prompt_short": entry.prompt_short or ""})
-        if (missing := entry.missing_reason()) is not None:
-            skip(_skip(key, str(entry.image), missing, "index"))
-            continue
-        if not captions:
-            skip(_skip(key, str(entry.image), f"manifest line {entry.line} has no caption (prompt)", "index"))
-            continue
-        try:
-            width, height = upright_size(entry.image, str(entry.image))
-        except InputError as err:
-            skip(_skip(key, str(entry.image), str(err), "index"))
-            continue
-        items.append(Item(key, str(entry.image), None, width, height, captions))
-    return items
-
-
-def webdataset_subroots(root: Path) -> list[Path]:
-    """Folders under `root` holding a `wdinfo.json` whose path names one of the 7 trained aspect ratios."""
-    found = sorted(p.parent for p in root.rglob("wdinfo.json"))
-    return [p for p in found if any(part in WDS_ASPECT_DIRS for part in p.resolve().parts)]
-
-
-def _tar_path(subroot: Path, info: Mapping[str, Any], data_key: str, relative: str) -> Path:
-    local = subroot / data_key / relative
-    if local.is_file() or not info.get("root"):
-        return local
-    return Path(str(info["root"])) / data_key / relative  # the absolute root the shards were written under
-
-
-def scan_webdataset(root: Path, skip: Callable[[dict[str, Any]], None]) -> list[Item]:
-    """Every sample of the reference's WebDataset layout: image and caption tars walked in step (aligned by
-    position, checked by key) with `webdataset`'s tar iterator."""
-    from webdataset.tariterators import base_plus_ext, tar_file_iterator
-
-    subroots = webdataset_subroots(root)
-    if not subroots:
-        raise ConfigError(f"{root} holds no aspect_ratio_W_H/ folder with a wdinfo.json "
-                          f"(the reference's layout; trained ratios: {', '.join(WDS_ASPECT_DIRS)})")
-    items: list[Item] = []
-    seen: set[str] = set()
-    for subroot in subroots:
-        info = read_json_file(subroot / "wdinfo.json")
-        keys = list(info.get("data_keys") or ["caption", "image"])
-        if "image" not in keys or "caption" not in keys:
-            raise ConfigError(f"{subroot / 'wdinfo.json'}: data_keys must include image and caption, got {keys}")
-        for relative in info.get("data_list", []):
-            image_tar = _tar_path(subroot, info, "image", relative)
-            caption_tar = _tar_path(subroot, info, "caption", relative)
-            try:
-                with open(image_tar, "rb") as images, open(caption_tar, "rb") as captions:
-                    pairs = zip(tar_file_iterator(images), tar_file_iterator(captions))
-                    for image_file, caption_file in pairs:
-                        items += _wds_sample(image_file, caption_file, image_tar, seen, skip, base_plus_ext)
-            except (OSError, tarfile.TarError) as err:
-                skip(_skip(relative, str(image_tar), f"shard cannot be read ({type(err).__name__}: {err})", "index"))
-    return items
-
-
-def _wds_sample(image_file: Mapping[str, Any], caption_file: Mapping[str, Any], image_tar: Path, seen: set[str],
-                skip: Callable[[dict[str, Any]], None], split: Callable[[str], tuple[Any, Any]]) -> list[Item]:
-    key, _ = split(image_file["fname"])
-    caption_key, _ = split(caption_file["fname"])
-    where = f"{image_tar}#{image_file['fname']}"
-    if key is None or key != caption_key:
-        skip(_skip(str(key), where, f"image and caption tars out of step ({image_file['fname']} vs "
-                                    f"{caption_file['fname']})", "index"))
-        return []
-    try:
-        captions = caption_fields(json.loads(caption_file["data"]))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        captions = ()
-    if not captions:
-        skip(_skip(key, where, "no caption (prompt) in its caption JSON", "index"))
-        return []
-    try:
-        width, height = upright_size(image_file["data"], where)
-    except InputError as err:
-        skip(_skip(key, where, str(err), "index"))
-        return []
-    return [Item(_unique(key, seen), str(image_tar), image_file["fname"], width, height, captions)]
-
-
-def scan_source(data: str | Path, skip: Callable[[dict[str, Any]], None]) -> list[Item]:
-    """Items of a folder, a `.jsonl` manifest or a WebDataset root (one with `wdinfo.json` files below it)."""
-    path = Path(data).expanduser()
-    if path.is_file():
-        if path.suffix.lower() not in (".jsonl", ".json"):
-            raise ConfigError(f"data={data}: a file must be a JSONL manifest (.jsonl); or give a folder")
-        return scan_manifest(path, skip)
-    if not path.is_dir():
-        raise ConfigError(f"data={data} does not exist; give a folder of images + .txt captions, a .jsonl "
-                          "manifest or a WebDataset root")
-    if next(path.rglob("wdinfo.json"), None) is not None:
-        return scan_webdataset(path, skip)
-    return scan_folder(path, skip)
-
-
-# ------------------------------------------------------------------------------------------------------------
 # The index: items that fit a bucket
 
 
@@ -407,6 +178,7 @@ class TrainIndex:
     placements: list[Placement]
     spec: BucketSpec
     source: str = ""
+    kind: str = ""  # folder | manifest | webdataset | cache
 
     def __len__(self) -> int:
         return len(self.items)
@@ -419,7 +191,7 @@ class TrainIndex:
 
     def describe(self) -> dict[str, Any]:
         sizes = self.spec.buckets()
-        return {"source": self.source, "images": len(self.items), **self.spec.to_dict(),
+        return {"source": self.source, "kind": self.kind, "images": len(self.items), **self.spec.to_dict(),
                 "buckets": {b: {"count": n, "size_wh": list(sizes[b])} for b, n in self.bucket_counts().items()}}
 
 
@@ -430,7 +202,7 @@ def index_items(items: Sequence[Item], spec: BucketSpec, skip: Callable[[dict[st
         placement = spec.place(item.width, item.height)
         if placement is None:
             smallest = min(spec.buckets().values(), key=lambda s: s[0] * s[1])
-            skip(_skip(item.key, item.where, f"image {item.width}x{item.height} is too small for the "
+            skip(skip_record(item.key, item.where, f"image {item.width}x{item.height} is too small for the "
                                              f"{spec.mode} {spec.resolution} buckets (smallest "
                                              f"{smallest[0]}x{smallest[1]})", "index"))
             continue
@@ -445,6 +217,7 @@ def build_index(data: str | Path, spec: BucketSpec | None = None,
     spec = spec or BucketSpec()
     skip = skip_log or SkipLog()
     index = index_items(scan_source(data, skip), spec, skip, source=str(data))
+    index.kind = source_kind(data)
     if not index.items:
         raise InputError(f"data={data}: no usable image (every image was skipped; see the skipped list)")
     return index
@@ -510,7 +283,7 @@ class TrainLoader:
     """
 
     def __init__(self, index: TrainIndex, global_batch: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 skip_log: Callable[[dict[str, Any]], None] | None = None, cache: Any = None,
+                 skip_log: SkipLog | Callable[[dict[str, Any]], None] | None = None, cache: Any = None,
                  num_workers: int = 0, prefetch_factor: int = 2) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in a world of {world_size}")
@@ -519,7 +292,7 @@ class TrainLoader:
                               f"ranks ({world_size})")
         self.index, self.global_batch, self.seed = index, int(global_batch), int(seed)
         self.rank, self.world_size = rank, world_size
-        self.skip_log = skip_log or SkipLog()
+        self.skip_log = skip_log if isinstance(skip_log, SkipLog) else SkipLog(callback=skip_log)
         self.cache = cache
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.buckets = [p.bucket for p in index.placements]
@@ -528,6 +301,11 @@ class TrainLoader:
             counts = ", ".join(f"{b}: {n}" for b, n in index.bucket_counts().items())
             raise ConfigError(f"no bucket holds a full global batch of {global_batch} images ({counts}); lower "
                               "the batch size, or add images of one aspect ratio")
+
+    @property
+    def skipped(self) -> list[dict[str, Any]]:
+        """Every image this loader left out so far (at indexing, when it shares the SkipLog, and at loading)."""
+        return self.skip_log.records
 
     @property
     def batch_size(self) -> int:
@@ -569,7 +347,7 @@ class TrainLoader:
                     pixels.append(load_pixels(item, self.index.placements[candidate]))
                 except (PiDError, OSError, ValueError) as err:
                     failed.add(candidate)
-                    skipped.append(_skip(item.key, item.where, str(err), "load"))
+                    skipped.append(skip_record(item.key, item.where, str(err), "load"))
                     continue
                 name = pick_caption_field(item.captions, caption_rng(self.seed, epoch, item.key))
                 fields.append(name)
@@ -607,6 +385,49 @@ class TrainLoader:
             self.epoch, self.position = self.epoch + 1, 0
 
 
+def open_loader(data: str | Path, batch_size: int, *, resolution: int | None = None, buckets: str | None = None,
+                seed: int = 0, rank: int = 0, world_size: int = 1, skipped_path: str | Path | None = None,
+                num_workers: int = 0) -> TrainLoader:
+    """The trainer's entry: a TrainLoader of `batch_size` images per rank over a folder, manifest, WebDataset root
+    or prepare cache (whose batches then carry `lq_latent` / `caption_embeds`). Index-time skips are listed in
+    `skipped_path` by rank 0 only; every rank lists the images it fails to load."""
+    kind = source_kind(data)
+    log = SkipLog(skipped_path)
+    if kind == "cache":
+        from pid.training.cache import LatentCache
+
+        cache = LatentCache(data)
+        for name, asked, have in (("resolution", resolution, cache.spec.resolution),
+                                  ("buckets", buckets, cache.spec.mode)):
+            if asked is not None and asked != have:
+                raise ConfigError(f"the prepare cache {data} was made with {name}={have}, not {asked}; "
+                                  f"use {name}={have} or prepare another cache")
+        index = cache.train_index()
+        index.kind = "cache"
+        return TrainLoader(index, batch_size * world_size, seed=seed, rank=rank, world_size=world_size,
+                           skip_log=log, cache=cache, num_workers=num_workers)
+    spec = BucketSpec(buckets or "fixed", int(resolution or 2048))
+    first = SkipLog(skipped_path if rank == 0 else None)
+    index = build_index(data, spec, skip_log=first)
+    log.remember(first.records)
+    return TrainLoader(index, batch_size * world_size, seed=seed, rank=rank, world_size=world_size, skip_log=log,
+                       num_workers=num_workers)
+
+
+def describe_data(data: str | Path, *, resolution: int | None = None, buckets: str | None = None) -> dict[str, Any]:
+    """What a dry run shows: source, kind, usable images, buckets (count, W x H) and the images left out.
+    Reads image headers only; writes nothing."""
+    if source_kind(data) == "cache":
+        from pid.training.cache import LatentCache
+
+        index = LatentCache(data).train_index()
+        index.kind = "cache"
+        return {**index.describe(), "skipped": []}
+    skips: list[dict[str, Any]] = []
+    index = build_index(data, BucketSpec(buckets or "fixed", int(resolution or 2048)), skip_log=skips.append)
+    return {**index.describe(), "skipped": skips}
+
+
 def _after(order: Sequence[int], index: int) -> list[int]:
     """The items after `index` in `order`, wrapping around (replacement candidates)."""
     if index not in order:
@@ -617,6 +438,6 @@ def _after(order: Sequence[int], index: int) -> list[int]:
 
 __all__ = [
     "CAPTION_FIELDS", "Item", "SkipLog", "TrainBatch", "TrainIndex", "TrainLoader", "build_index", "caption_fields",
-    "caption_rng", "epoch_plan", "index_items", "load_pixels", "pick_caption_field", "place_pixels", "rank_slice",
-    "scan_folder", "scan_manifest", "scan_source", "scan_webdataset", "upright_size", "webdataset_subroots",
+    "caption_rng", "describe_data", "epoch_plan", "index_items", "load_pixels", "open_loader", "pick_caption_field",
+    "place_pixels", "rank_slice", "source_kind",
 ]
