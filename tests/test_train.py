@@ -116,6 +116,7 @@ def test_tiny_network_overfits_four_images(tmp_path):
             "skipped_items"} <= set(records[-1])
 
 
+@pytest.mark.slow
 def test_kill_then_rerun_equals_an_uninterrupted_run_bit_for_bit(tmp_path):
     args = ["steps=16", "ckpt_every=2", "log_every=4", "keep_checkpoints=2"]
     prepare(tmp_path)
@@ -160,10 +161,13 @@ def make_init_state(work: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in read_init_weights(work / "init.pth").items()}
 
 
-def test_two_gloo_ranks_equal_one_rank_with_the_same_global_batch(tmp_path):
-    """2 ranks x 1 image (DDP) against 1 rank x 1 image x grad_accum 2: same images, same draws, same EMA."""
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["teacher", "full"])
+def test_two_gloo_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, mode):
+    """2 ranks x 1 image (teacher: DDP; full: FSDP2) against 1 rank x 1 image x grad_accum 2: same images, same
+    draws, the same EMA to float rounding."""
     prepare(tmp_path)
-    common = ["steps=3", "ckpt_every=3", "log_every=3", "batch_size=1"]
+    common = ["steps=3", "ckpt_every=3", "log_every=3", "batch_size=1", f"mode={mode}"]
     env = cli_env(OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            HARNESS, str(tmp_path), *common, "run_name=two"], env=env, capture_output=True,
@@ -171,13 +175,15 @@ def test_two_gloo_ranks_equal_one_rank_with_the_same_global_batch(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert train(tmp_path, *common, "grad_accum=2", "run_name=one") == 0
     two, one = _ema(tmp_path / "runs" / "two"), _ema(tmp_path / "runs" / "one")
-    assert two.keys() == one.keys()
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-7)
+    assert two.keys() == one.keys() and len(one) > 10
+    for key in one:  # gradient sums in another order: equal to fp32 rounding, relative to each tensor's scale
+        scale = float(one[key].abs().max()) + 1e-8
+        assert float((two[key] - one[key]).abs().max()) <= 1e-4 * scale, key
     losses_two, losses_one = _metrics(tmp_path / "runs" / "two"), _metrics(tmp_path / "runs" / "one")
     assert losses_two[-1]["loss_total"] == pytest.approx(losses_one[-1]["loss_total"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_export_loads_in_from_clean_and_decodes_differently(tmp_path, hub_cache_env):
     make_images(tmp_path / "images")
     make_init(tmp_path / "init.pth")
