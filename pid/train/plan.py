@@ -83,8 +83,6 @@ class TrainPlan:
     ckpt_every: int
     keep_checkpoints: int
     log_every: int
-    val_manifest: str | None
-    val_every: int
     progress: bool
     device: str | None
     activation_checkpointing: bool
@@ -278,7 +276,6 @@ def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
     for key in ("steps", "batch_size", "grad_accum", "ckpt_every", "keep_checkpoints", "log_every", "resolution"):
         _positive(settings, key)
     _positive(settings, "warmup_steps", 0)
-    _positive(settings, "val_every", 0)
     lr = DEFAULT_LR[settings.mode] if settings.lr is None else float(settings.lr)
     weight_decay = DEFAULT_WEIGHT_DECAY[settings.mode] if settings.weight_decay is None else settings.weight_decay
     if not lr > 0 or not weight_decay >= 0:
@@ -287,11 +284,6 @@ def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
         raise ConfigError(f"grad_clip must be > 0 and ema_rate in (0, 1), got {settings.grad_clip}, "
                           f"{settings.ema_rate}")
     caption_dropout, lq_dropout = _probability(settings, "caption_dropout"), _probability(settings, "lq_dropout")
-    val_manifest = None
-    if settings.val_manifest is not None:
-        val_manifest = str(Path(settings.val_manifest).expanduser().absolute())
-        if not Path(val_manifest).is_file():
-            raise ConfigError(f"val_manifest {val_manifest} does not exist")
     init = resolve_init(settings, backbone)
     net_config = training_net_config(settings, backbone, init)
     trainable, frozen = parameter_counts(net_config, settings.mode)
@@ -307,7 +299,7 @@ def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
         ema_rate=float(settings.ema_rate), caption_dropout=caption_dropout, lq_dropout=lq_dropout,
         seed=int(settings.seed), run_dir=run_dir, ckpt_every=int(settings.ckpt_every),
         keep_checkpoints=int(settings.keep_checkpoints), log_every=int(settings.log_every),
-        val_manifest=val_manifest, val_every=int(settings.val_every), progress=bool(settings.progress),
+        progress=bool(settings.progress),
         device=settings.device, activation_checkpointing=bool(settings.activation_checkpointing),
         checkpoint_dir=settings.checkpoint_dir, pid_revision=settings.pid_revision,
         text_encoder=settings.text_encoder, text_encoder_revision=settings.text_encoder_revision,
