@@ -63,7 +63,7 @@ class PreparePlan:
         return {"entry": "train_prepare", "backbone": self.backbone, "output_dir": str(self.out_dir),
                 "rank": rank, "world_size": world_size, "shard_size": self.shard_size,
                 "shards": len(self.shards), "my_shards": mine, "data": self.index.describe(),
-                "skipped": self.index_skips, "identity": self.identity}
+                "skipped_count": len(self.index_skips), "skipped": self.index_skips[:50], "identity": self.identity}
 
 
 def plan_prepare(settings: Settings) -> PreparePlan:

@@ -160,8 +160,9 @@ def _unique(key: str, seen: set[str]) -> str:
 def scan_folder(folder: Path, skip: Callable[[dict[str, Any]], None]) -> list[Item]:
     """Images under `folder` (recursively, sorted) with a same-name `.txt` caption beside each."""
     items: list[Item] = []
+    seen: set[str] = set()
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
-        key = path.relative_to(folder).with_suffix("").as_posix()
+        key = _unique(path.relative_to(folder).with_suffix("").as_posix(), seen)  # a.png + a.jpg: "a", "a#2"
         text_path = path.with_suffix(".txt")
         text = text_path.read_text(encoding="utf-8", errors="replace").strip() if text_path.is_file() else ""
         if not text:
