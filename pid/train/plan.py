@@ -288,6 +288,13 @@ def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
     net_config = training_net_config(settings, backbone, init)
     trainable, frozen = parameter_counts(net_config, settings.mode)
     data = summarize_data(settings.data, settings.resolution, settings.buckets)
+    if data.format == "prepare cache":
+        from pid.training.cache import LatentCache
+
+        made_for = canonical_name(LatentCache(data.source).backbone)
+        if made_for != backbone:
+            raise ConfigError(f"the prepare cache {data.source} holds {made_for} latents, not {backbone}; "
+                              f"train with backbone={made_for} or prepare a cache for {backbone}")
     check_output_dir(settings.output_dir)
     run_dir = Path(settings.output_dir).expanduser().absolute() / (settings.run_name or f"{backbone}_{settings.mode}")
     plan = TrainPlan(

@@ -252,7 +252,10 @@ def run(plan: TrainPlan, encoders: Encoders | None = None, data: Any = None) -> 
         logger.info("{} already finished {} steps; export it with: python -m pid.train.export {}", run_dir,
                     state.step, run_dir)
         return EXIT_OK
-    encoders = encoders or load_encoders(plan, device)
+    if encoders is None:
+        # a prepare cache carries the latents and caption embeddings: neither the VAE nor Gemma-2 is loaded
+        cached = plan.data.format == "prepare cache"
+        encoders = Encoders(None, None) if cached else load_encoders(plan, device)
     cfg = LoopConfig(steps=plan.steps, batch_size=plan.batch_size, grad_accum=plan.grad_accum,
                      grad_clip=plan.grad_clip, ema_rate=plan.ema_rate, caption_dropout=plan.caption_dropout,
                      lq_dropout=plan.lq_dropout, seed=plan.seed, ckpt_every=plan.ckpt_every,

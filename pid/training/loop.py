@@ -279,13 +279,14 @@ def train_loop(cfg: LoopConfig, state: TrainState, data: BatchSource, encoders: 
             beta = ema_beta(step, cfg.ema_rate)
             update_ema(state.ema, model, beta)
             state.step = step + 1
+            window["steps"] = window.get("steps", 0.0) + 1.0  # a resumed run starts mid-window
             window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
             window["skipped_steps"] = window.get("skipped_steps", 0.0) + (0.0 if finite else 1.0)
             state.log = {"loss": float(losses["total"].detach()), "lr": optimizer.param_groups[0]["lr"]}
             if on_step is not None:
                 on_step(state)
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-                n = cfg.log_every if state.step % cfg.log_every == 0 else state.step % cfg.log_every
+                n = window.pop("steps")
                 elapsed = time.perf_counter() - window_start
                 means = reduce_mean({k: v / n for k, v in window.items() if k != "skipped_steps"}, device)
                 record = {"step": state.step, **{f"loss_{k}": means[k] for k in LOSS_KEYS},
