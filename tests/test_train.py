@@ -167,7 +167,7 @@ def test_two_gloo_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, mode
     """2 ranks x 1 image (teacher: DDP; full: FSDP2) against 1 rank x 1 image x grad_accum 2: same images, same
     draws, the same EMA to float rounding."""
     prepare(tmp_path)
-    common = ["steps=3", "ckpt_every=3", "log_every=3", "batch_size=1", f"mode={mode}"]
+    common = ["steps=2", "ckpt_every=2", "log_every=2", "batch_size=1", f"mode={mode}"]
     env = cli_env(OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            HARNESS, str(tmp_path), *common, "run_name=two"], env=env, capture_output=True,
@@ -200,13 +200,26 @@ def test_export_loads_in_from_clean_and_decodes_differently(tmp_path, hub_cache_
     again = run_module("pid.train.export", str(run_dir), "--out", str(exported))
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
-    outputs = {}
+    # it loads in from_clean as a user passes it (pid_checkpoint=), with the undistilled sampler of a teacher
+    out = tmp_path / "fc"
+    done = run_module("pid.inference.from_clean", "backbone=flux", "pid_ckpt_type=undistilled", "pid_steps=2",
+                      f"pid_checkpoint={exported}", f"input_path={tmp_path / 'images' / 'img0.png'}",
+                      "prompt=a photo of cat", f"output_dir={out}", "plot=false", "report=false", env=hub_cache_env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list(out.rglob("pid/sigma_0.000/*.png"))) == 1
+    # and decodes differently from its init (same latent, caption and seed)
+    from pid.checkpoints import load_network_weights, lookup
+    from pid.decoder import PiDDecoder
+    from pid.models import build_pid_net
+
+    from tiny import tiny_caption_encoder
+
+    record = lookup("flux", "undistilled")
+    latent = torch.randn(1, 16, 2, 2, generator=torch.Generator().manual_seed(0))
+    images = {}
     for name, weights in (("exported", exported), ("init", tmp_path / "init.pth")):
-        out = tmp_path / f"fc_{name}"
-        done = run_module("pid.inference.from_clean", "backbone=flux", f"pid_checkpoint={weights}",
-                          f"input_path={tmp_path / 'images' / 'img0.png'}", "prompt=a photo of cat",
-                          f"output_dir={out}", "plot=false", "report=false", env=hub_cache_env)
-        assert done.returncode == 0, done.stderr[-2000:]
-        [image] = out.rglob("pid/sigma_0.000/*.png")
-        outputs[name] = image.read_bytes()
-    assert outputs["exported"] != outputs["init"]
+        cfg, state = load_network_weights(weights, record)
+        decoder = PiDDecoder(build_pid_net(cfg, state_dict=state), record, tiny_caption_encoder(num_tokens=16))
+        images[name] = decoder.decode(latent, caption="a photo of cat", steps=2, seed=0)
+    assert images["exported"].shape == images["init"].shape == (1, 3, 64, 64)
+    assert (images["exported"] - images["init"]).abs().max() > 1e-3
