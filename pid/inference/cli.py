@@ -109,6 +109,10 @@ class EntryPoint:
     flags: Mapping[str, str]
     # upstream flags accepted for compatibility that change nothing here -> (number of values, why)
     no_effect: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+    # the help page's exit-code line
+    exit_codes: str = ("0 all items done, 1 some items failed (see failures.jsonl), 2 bad input, 130 interrupted\n"
+                       "(Ctrl-C), 143 terminated (SIGTERM); under torchrun a complete run exits 0 (failures in "
+                       "failures.jsonl)")
 
 
 def _read_options(path: Path, prefix: str = "") -> tuple[list[Option], list[str]]:
@@ -429,8 +433,7 @@ def help_text(entry: EntryPoint, module: str) -> str:
     if entry.no_effect:
         lines.append("accepted upstream flags that change nothing here: " + ", ".join(sorted(entry.no_effect)))
         lines.append("")
-    lines += ["exit codes: 0 all items done, 1 some items failed (see failures.jsonl), 2 bad input, 130 interrupted",
-              "(Ctrl-C), 143 terminated (SIGTERM); under torchrun a complete run exits 0 (failures in failures.jsonl)",
+    lines += [f"exit codes: {entry.exit_codes}",
               "--dry_run (or dry_run=true): resolve everything, print the plan as one JSON object, load nothing"]
     return "\n".join(lines) + "\n"
 

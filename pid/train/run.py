@@ -1,0 +1,299 @@
+"""A training run from its plan: build the network from the init weights, the encoders, the data, the
+optimiser; resume from the run's latest checkpoint; run `pid.training.loop.train_loop`; write metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from loguru import logger
+from torch import Tensor, nn
+
+from pid.errors import CheckpointMismatchError
+from pid.inference import distributed as dist
+from pid.inference.io import append_jsonl, atomic_write_text, to_json
+from pid.models import PiDNet, PiDNetConfig, build_pid_net
+from pid.models.configs import net_config_to_dict
+from pid.train.plan import PIXELDIT_FILE, RUN_FILE, TrainPlan
+from pid.training.checkpoint import latest_checkpoint, load_checkpoint, read_init_weights, save_checkpoint
+from pid.training.loop import Encoders, LoopConfig, TeacherStep, TrainState, init_ema, train_loop
+from pid.training.trainable import TEACHER_TRAINABLE_PREFIXES as ADAPTER_PREFIXES
+
+EXIT_OK, EXIT_INTERRUPTED = 0, 130
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The network
+
+
+@torch.no_grad()
+def init_fresh_adapter(net: PiDNet) -> None:
+    """The reference's initialisation of an adapter absent from the checkpoint (spec §a.2): convs trunc-normal
+    std 0.02 with zero bias, output and PiT heads zero, aux-head Linears trunc-normal 0.02, gate projections
+    trunc-normal 0.01 with bias 2.0 and log_alpha = ln 5."""
+    adapter = net.lq_proj
+    for module in adapter.latent_proj.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+    heads = list(adapter.output_heads) + ([adapter.pit_head] if hasattr(adapter, "pit_head") else [])
+    for head in heads:
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+    if hasattr(adapter, "lq_aux_rgb_head"):
+        for module in adapter.lq_aux_rgb_head:
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+    gates = list(adapter.gate_modules) + ([net.pit_lq_gate] if hasattr(net, "pit_lq_gate") else [])
+    for gate in gates:
+        nn.init.trunc_normal_(gate.content_proj.weight, std=0.01)
+        nn.init.constant_(gate.content_proj.bias, 2.0)
+        gate.log_alpha.fill_(math.log(5.0))
+
+
+def load_init(net: PiDNet, state: dict[str, Tensor], source: str) -> list[str]:
+    """Copy the init weights into `net`. Adapter tensors the file lacks keep their fresh init (a PixelDiT file has
+    none; a v1 decoder has no aux RGB head); any other missing or mis-shaped tensor is an error. Returns the
+    names left fresh."""
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state]
+    bad = [k for k in missing if not k.startswith(ADAPTER_PREFIXES)]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    if bad or shapes:
+        few = ", ".join((bad + shapes)[:4])
+        raise CheckpointMismatchError(f"{source} does not fit the network being trained: {few}; pick the init "
+                                      "made for this latent space or set net_config=")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        logger.info("init: ignoring {} tensors the decoder does not have (e.g. {})", len(unexpected), unexpected[0])
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            if name in state:
+                tensor.copy_(state[name].to(tensor.dtype))
+    return missing
+
+
+def init_file(plan: TrainPlan) -> Path:
+    """The init weights' file or DCP folder, downloading the hub file when needed (the run, not the dry run)."""
+    from pid.checkpoints import lookup, resolve_checkpoint, resolve_hub_path
+
+    if plan.init.kind == "pixeldit":
+        return resolve_hub_path(PIXELDIT_FILE, plan.checkpoint_dir, revision=plan.pid_revision)
+    if plan.init.kind == "released":
+        record = lookup(plan.backbone, plan.init.ckpt_type)
+        return resolve_checkpoint(record, None, plan.checkpoint_dir, revision=plan.pid_revision)
+    return Path(str(plan.init.path))
+
+
+def build_network(plan: TrainPlan, state: dict[str, Tensor], source: str, device: torch.device) -> PiDNet:
+    """The network to train: fp32 weights, fresh adapter parts, requires_grad per mode; in teacher mode on
+    CUDA the frozen backbone is held in bf16 (autocast computes in bf16 anyway)."""
+    from pid.training import set_trainable
+
+    torch.manual_seed(plan.seed)  # the fresh adapter is the same on every rank and every rerun
+    net = build_pid_net(plan.net_config, device="cpu")
+    init_fresh_adapter(net)
+    fresh = load_init(net, state, source)
+    if fresh:
+        logger.info("init: {} adapter tensors start fresh (e.g. {})", len(fresh), fresh[0])
+    net.train()
+    set_trainable(net, plan.mode)
+    if plan.mode == "teacher" and device.type == "cuda":
+        for param in net.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(torch.bfloat16)
+    if plan.activation_checkpointing:
+        from torch.distributed._composable import checkpoint
+
+        for block in [*net.patch_blocks, *net.pixel_blocks]:
+            checkpoint(block)
+    return net.to(device)
+
+
+def wrap_parallel(step: TeacherStep, plan: TrainPlan, device: torch.device) -> nn.Module:
+    """DDP across ranks (teacher, or full on one GPU); FSDP2 `fully_shard` per block for mode=full on many."""
+    if dist.get_world_size() <= 1:
+        return step
+    if plan.mode == "full":
+        from torch.distributed.fsdp import fully_shard
+
+        # FSDP2 cannot shard 0-d parameters (the gates' log_alpha): they stay replicated, their gradients
+        # averaged over ranks by a hook, as DDP would.
+        scalars = {p for p in step.parameters() if p.ndim == 0}
+        world = dist.get_world_size()
+
+        def average(param: nn.Parameter) -> None:
+            torch.distributed.all_reduce(param.grad)
+            param.grad.div_(world)
+
+        for param in scalars:
+            if param.requires_grad:
+                param.register_post_accumulate_grad_hook(average)
+        for block in [*step.net.patch_blocks, *step.net.pixel_blocks]:
+            fully_shard(block)
+        return fully_shard(step, ignored_params=scalars)
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(step, device_ids=ids, broadcast_buffers=True)
+
+
+def make_optimizer(model: nn.Module, plan: TrainPlan):
+    """AdamW over every trainable parameter (one group, weight decay on all) and the warm-up LambdaLR."""
+    from pid.training.optim import build_optimizer, build_warmup_scheduler
+
+    optimizer = build_optimizer(model.parameters(), plan.lr, plan.weight_decay)
+    return optimizer, build_warmup_scheduler(optimizer, plan.warmup_steps)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Encoders and data
+
+
+def load_encoders(plan: TrainPlan, device: torch.device) -> Encoders:
+    """The frozen VAE (LQ latents) and Gemma-2 (captions) of this latent space."""
+    from pid.latents import get as get_latent_space
+    from pid.text_encoder import CaptionEncoder
+
+    space = get_latent_space(plan.backbone).load(device=device, checkpoint_dir=plan.checkpoint_dir,
+                                                 revision=plan.pid_revision)
+    kwargs = {"name_or_path": plan.text_encoder} if plan.text_encoder else {}
+    text = CaptionEncoder.from_pretrained(device=device, revision=plan.text_encoder_revision, **kwargs)
+    if text.hidden_size != plan.net_config.text_dim:
+        raise CheckpointMismatchError(f"caption encoder width {text.hidden_size} != the network's text_dim "
+                                      f"{plan.net_config.text_dim}")
+    return Encoders(encode_lq=space.encode, encode_captions=text.encode)
+
+
+def open_data(plan: TrainPlan, rank: int, world_size: int):
+    """This rank's resumable loader; rank 0 lists skipped images in <run>/skipped.jsonl."""
+    from pid.train.data_source import open_loader
+
+    skipped = plan.run_dir / "skipped.jsonl" if rank == 0 else None
+    return open_loader(plan.data.source, plan.resolution, plan.bucket_mode, plan.batch_size * world_size,
+                       plan.seed, rank, world_size, skipped)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Watching
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+class Progress:
+    """tqdm on rank 0: loss, images/s, ETA (tqdm's own)."""
+
+    def __init__(self, plan: TrainPlan, start: int, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=plan.steps, initial=start, desc="train", unit="step", disable=not enabled,
+                        dynamic_ncols=True)
+        self.images_per_step = plan.global_batch
+        self.start = time.perf_counter()
+        self.done = 0
+
+    def __call__(self, state: TrainState) -> None:
+        self.done += 1
+        rate = self.done * self.images_per_step / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix(loss=f"{state.log['loss']:.4f}", img_s=f"{rate:.2f}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def run(plan: TrainPlan, encoders: Encoders | None = None, data: Any = None) -> int:
+    """Train (or resume) the run `plan` describes; returns the exit code (0 done, 130 stopped by a signal).
+    `encoders` / `data` may be passed in (tests, embedding)."""
+    env = dist.init_distributed()
+    device = torch.device(plan.device) if plan.device else dist.rank_device()
+    seed_everything(plan.seed + env.rank)
+    run_dir = plan.run_dir
+    source = init_file(plan)
+    logger.info("init weights from {}", source)
+    if env.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / RUN_FILE, to_json({"identity": plan.identity(), "init_file": str(source),
+                                                       "plan": plan.describe(0, env.world_size)}))
+    net = build_network(plan, read_init_weights(source), str(source), device)
+    model = wrap_parallel(TeacherStep(net), plan, device)
+    optimizer, scheduler = make_optimizer(model, plan)
+    state = TrainState(step=0, model=model, optimizer=optimizer, scheduler=scheduler, ema=init_ema(model))
+    data = data if data is not None else open_data(plan, env.rank, env.world_size)
+    resume = latest_checkpoint(run_dir)
+    if resume is not None:
+        data.load_state_dict(load_checkpoint(resume, state))
+        logger.info("resuming {} at step {}", run_dir, state.step)
+    if state.step >= plan.steps:
+        logger.info("{} already finished {} steps; export it with: python -m pid.train.export {}", run_dir,
+                    state.step, run_dir)
+        return EXIT_OK
+    if encoders is None:
+        # a prepare cache carries the latents and caption embeddings: neither the VAE nor Gemma-2 is loaded
+        cached = plan.data.format == "prepare cache"
+        encoders = Encoders(None, None) if cached else load_encoders(plan, device)
+    cfg = LoopConfig(steps=plan.steps, batch_size=plan.batch_size, grad_accum=plan.grad_accum,
+                     grad_clip=plan.grad_clip, ema_rate=plan.ema_rate, caption_dropout=plan.caption_dropout,
+                     lq_dropout=plan.lq_dropout, seed=plan.seed, ckpt_every=plan.ckpt_every,
+                     log_every=plan.log_every)
+
+    def on_log(record: dict[str, Any]) -> None:
+        skip_log = getattr(data, "skip_log", None)
+        record = {**record, "peak_memory_gib": peak_memory_gib(device),
+                  "skipped_items": skip_log.count if skip_log is not None else 0}
+        if env.rank == 0:
+            append_jsonl(run_dir / "metrics.jsonl", record)
+
+    def on_checkpoint(current: TrainState, final: bool) -> None:
+        folder = save_checkpoint(run_dir, current, data.state_dict(), plan.keep_checkpoints)
+        if env.rank == 0:
+            logger.info("checkpoint {} written", folder.name)
+
+    progress = Progress(plan, state.step, plan.progress and env.rank == 0)
+    try:
+        status = train_loop(cfg, state, data, encoders, device, env.rank, env.world_size, on_log=on_log,
+                            on_checkpoint=on_checkpoint, on_step=progress)
+    finally:
+        progress.close()
+    if status == "stopped":
+        logger.warning("stopped by a signal at step {}; the checkpoint is saved, rerun the command to resume",
+                       state.step)
+        return EXIT_INTERRUPTED
+    if env.rank == 0:
+        logger.info("done: {} steps; export the EMA weights with: python -m pid.train.export {}", state.step,
+                    run_dir)
+    return EXIT_OK
+
+
+def network_config_of_run(run_dir: Path) -> PiDNetConfig:
+    from pid.models.configs import net_config_from_value
+
+    saved = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+    return net_config_from_value(saved["identity"]["net_config"])
+
+
+__all__ = ["build_network", "init_fresh_adapter", "load_init", "net_config_to_dict", "run"]
