@@ -158,6 +158,7 @@ def test_device_cuda_without_cuda_is_refused(tmp_path):
 # 3. Two settings never share an output file
 
 
+@pytest.mark.slow
 def test_notes_that_differ_only_in_non_ascii_or_punctuation_get_their_own_folders(tmp_path):
     folders = set()
     for note in ("猫", "犬"):

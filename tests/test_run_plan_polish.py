@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from cli_driver import run_module
 
 
@@ -14,6 +16,7 @@ def _plan(tmp_path, *args):
     return json.loads(done.stdout), done.stderr
 
 
+@pytest.mark.slow
 def test_a_2k_decoder_at_4096_warns_once(tmp_path):
     plan, stderr = _plan(tmp_path, "resolution=4096x3072")
     assert plan["ckpt_type"] == "2k" and plan["output_size"] == [3072, 4096]
@@ -25,6 +28,7 @@ def test_a_2k_decoder_at_4096_warns_once(tmp_path):
     assert "above the" not in trained
 
 
+@pytest.mark.slow
 def test_ldm_stop_at_and_save_xt_steps_do_not_share_a_run_folder(tmp_path):
     stopped, _ = _plan(tmp_path, "ldm_stop_at=24")
     captured, _ = _plan(tmp_path, "save_xt_steps=24,26")

@@ -288,7 +288,9 @@ def test_caption_fields_are_sampled_per_image_and_epoch(tmp_path):
     batches = _take(TrainLoader(index, global_batch=2, seed=0), 60)
     fields = [f for b in batches for f in b.caption_fields]
     counts = {name: fields.count(name) for name in ("prompt", "prompt_medium", "prompt_short")}
-    assert min(counts.values()) > 25  # 120 draws, about 40 each
+    # 120 independent draws (keys hold the temp path, so the draws change between runs): about 40 each, sd 5.2;
+    # below 16 is 4.6 sd away (about 1e-6 per run), a field never drawn or drawn at half the rate is not
+    assert min(counts.values()) >= 16
     for batch in batches:
         for caption, name in zip(batch.captions, batch.caption_fields):
             assert caption[0] == {"prompt": "L", "prompt_medium": "M", "prompt_short": "S"}[name]

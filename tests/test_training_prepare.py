@@ -109,6 +109,7 @@ def test_a_rerun_skips_finished_shards_and_redoes_a_missing_one(tmp_path):
         LatentCache(tmp_path / "nothing")
 
 
+@pytest.mark.slow
 def test_prepare_cli_writes_the_cache_lists_a_bad_image_and_resumes(tmp_path, hub_cache_env):
     manifest = _dataset(tmp_path, corrupt=True)
     out = tmp_path / "cache"
@@ -128,6 +129,7 @@ def test_prepare_cli_writes_the_cache_lists_a_bad_image_and_resumes(tmp_path, hu
     assert len((out / "skipped.jsonl").read_text().splitlines()) == 1  # listed once, not once per run
 
 
+@pytest.mark.slow
 def test_prepare_cli_bad_input_is_one_line_and_exit_2_before_anything_is_written(tmp_path):
     manifest = _dataset(tmp_path)
     out = tmp_path / "cache"
