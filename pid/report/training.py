@@ -100,7 +100,7 @@ def curve_plot(title: str, series: Sequence[tuple[str, list[tuple[float, float]]
     x0, x1 = min(xs), max(xs)
     x0, x1 = (x0 - 0.5, x1 + 0.5) if x1 - x0 < 1e-9 else (x0, x1)
     y0, y1 = min(ys), max(ys)
-    pad = (y1 - y0) * 0.08 or max(abs(y0) * 0.05, 0.01)
+    pad = (y1 - y0) * 0.08 or abs(y0) * 0.05 or 0.01  # a flat series (constant lr): a band around it
     y0, y1 = y0 - pad, y1 + pad
     plot_w, plot_h = width - left - right, height - top - bottom
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pid.errors import CheckpointMismatchError, ConfigError
+from pid.errors import CheckpointMismatchError, ConfigError, InputError
 from pid.inference.cli import Settings, check_output_dir
 from pid.models.configs import (
     PiDNetConfig,
@@ -287,6 +287,7 @@ def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
         raise ConfigError(f"grad_clip must be > 0 and ema_rate in (0, 1), got {settings.grad_clip}, "
                           f"{settings.ema_rate}")
     caption_dropout, lq_dropout = _probability(settings, "caption_dropout"), _probability(settings, "lq_dropout")
+    val = validation_config(settings)
     init = resolve_init(settings, backbone)
     net_config = training_net_config(settings, backbone, init)
     trainable, frozen = parameter_counts(net_config, settings.mode)
@@ -314,7 +315,7 @@ def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
         checkpoint_dir=settings.checkpoint_dir, pid_revision=settings.pid_revision,
         text_encoder=settings.text_encoder, text_encoder_revision=settings.text_encoder_revision,
     )
-    return replace(plan, resume_step=check_resume(plan), val=validation_config(settings))
+    return replace(plan, resume_step=check_resume(plan), val=val)
 
 
 def validation_config(settings: Settings) -> ValConfig | None:
@@ -335,7 +336,10 @@ def validation_config(settings: Settings) -> ValConfig | None:
     cfg_scale = float(settings.get("val_cfg_scale"))
     if not cfg_scale >= 1.0:
         raise ConfigError(f"val_cfg_scale must be >= 1 (1 turns text CFG off), got {cfg_scale}")
-    read_manifest(manifest, check_images=True)
+    try:
+        read_manifest(manifest, check_images=True)
+    except InputError as exc:
+        raise InputError(f"val_manifest: {exc}") from None
     return ValConfig(manifest=str(Path(manifest).expanduser().absolute()), every=int(settings.val_every),
                      sigmas=sigmas, steps=int(settings.val_steps), cfg_scale=cfg_scale,
                      images=int(settings.val_images), resolution=int(settings.resolution), seed=int(settings.seed))
