@@ -92,6 +92,16 @@ def test_validation_scores_the_ema_beside_the_init_and_the_report_shows_it(tmp_p
     assert [r["step"] for r in rows][-2:] == [6, 6] and rows[-1]["init"] == rows[1]["init"]
     assert init_file.stat().st_mtime_ns == cached_at
 
+    # validating (the EMA swapped in and out, decodes, RNG draws of its own) leaves training bit for bit as is
+    assert train(tmp_path, "steps=4", *common[:3], "run_name=no_val") == 0
+    import torch
+
+    from pid.training.checkpoint import latest_checkpoint, read_ema
+
+    with_val = read_ema(run_dir / "checkpoints" / "step_000000004")
+    without = read_ema(latest_checkpoint(tmp_path / "runs" / "no_val"))
+    assert with_val.keys() == without.keys() and all(torch.equal(with_val[k], without[k]) for k in without)
+
     # report.html: loss, lr and grad-norm curves, EMA and init curves per metric and sigma, images over steps
     report = run_dir / "report.html"
     page = _parse(report)
@@ -137,8 +147,10 @@ def test_dry_run_shows_the_validation(tmp_path):
     val = json.loads(done.stdout)["validation"]
     assert val["every"] == 500 and val["sigmas"] == [0.0, 0.2] and val["manifest"] == str(manifest)
     assert val["steps"] == 25 and val["cfg_scale"] == 5.0
-    done = run_module("pid.train", *common, f"val_manifest={manifest}", "val_every=0")
-    assert done.returncode == 0 and json.loads(done.stdout)["validation"] is None
+    from train_harness import plan_for
+
+    assert plan_for(tmp_path, f"val_manifest={manifest}", "val_every=0").val is None
+    assert plan_for(tmp_path).val is None
 
 
 @pytest.mark.slow
@@ -174,3 +186,11 @@ def test_sigterm_checkpoints_the_current_step_exits_143_and_a_rerun_resumes(tmp_
                            timeout=180)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"at step {step}" in rerun.stderr and latest_step(run_dir) == step + 1
+
+
+def test_help_documents_the_validation_options_and_the_signal_exit_codes():
+    done = run_module("pid.train", "--help")
+    assert done.returncode == 0, done.stderr
+    for word in ("val_manifest=<path>", "val_every=<int>", "val_sigmas=", "val_steps=<int>", "130 interrupted",
+                 "143 by SIGTERM"):
+        assert word in done.stdout, word
