@@ -89,29 +89,39 @@ def load_val_items(cfg: ValConfig, multiple: int, encode_lq: Callable[[Tensor], 
     return items
 
 
-def undistilled_decoder(net: nn.Module, backbone: str) -> Any:
-    """A `PiDDecoder` over `net` that samples as a teacher (undistilled: DPM-Solver++ with CFG)."""
+class NegativeCaption:
+    """The decoder's caption encoder during validation: it only ever encodes the CFG negative prompt, which is
+    encoded once when the run starts (Gemma-2 need not stay resident)."""
+
+    def __init__(self, embeds: Tensor) -> None:
+        self.embeds = embeds
+
+    def encode(self, captions: Sequence[str]) -> Tensor:
+        from pid.text_encoder import NEGATIVE_PROMPT
+
+        if list(captions) != [NEGATIVE_PROMPT]:
+            raise ValueError("validation decodes pass caption_embeds; only the negative prompt is encoded here")
+        return self.embeds
+
+
+def undistilled_decoder(net: nn.Module, backbone: str, null_embeds: Tensor) -> Any:
+    """A `PiDDecoder` over `net` that samples as a teacher (undistilled: DPM-Solver++ with text CFG)."""
     from pid.checkpoints import CheckpointRecord
     from pid.decoder import PiDDecoder
 
     cfg = net.cfg
     record = CheckpointRecord(backbone=backbone, ckpt_type="training", folder="", net_config=cfg.name,
                               scale=cfg.sr_scale, latent_space=backbone, sampler="undistilled")
-    return PiDDecoder(net, record, None)  # sets eval mode; the callers restore train mode
+    return PiDDecoder(net, record, NegativeCaption(null_embeds))  # sets eval mode; the callers restore it
 
 
-@torch.no_grad()
-def decode_item(decoder: Any, item: ValItem, sigma: float, null_embeds: Tensor, cfg: ValConfig,
-                index: int) -> Tensor:
-    """One validation decode, [1, 3, H, W] in [0, 1] on the CPU; the start noise is seeded per image."""
+def decode_item(decoder: Any, item: ValItem, sigma: float, cfg: ValConfig, index: int) -> Tensor:
+    """One validation decode, [1, 3, H, W] in [0, 1] on the CPU: the training's shift at this size, the start
+    noise seeded per image."""
     size = tuple(item.target.shape[-2:])
-    inputs = decoder.prepare_inputs(item.latents[sigma], caption_embeds=item.caption_embeds, degrade_sigma=sigma,
-                                    seed=cfg.seed + index, output_size=size)
-    with decoder._autocast_ctx():
-        features = decoder.net.encode_latent(inputs.lq_latent, inputs.sigma, inputs.size)
-    negative = None if cfg.cfg_scale == 1.0 else null_embeds
-    velocity = decoder.velocity_fn(decoder.net, inputs.embeds, features, negative, cfg.cfg_scale)
-    return decoder.sample(velocity, inputs, cfg.steps, shift=dynamic_shift(*size)).cpu()
+    return decoder.decode(item.latents[sigma], caption_embeds=item.caption_embeds, degrade_sigma=sigma,
+                          steps=cfg.steps, seed=cfg.seed + index, output_size=size, cfg_scale=cfg.cfg_scale,
+                          shift=dynamic_shift(*size)).cpu()
 
 
 def mean_scores(rows: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -152,12 +162,12 @@ class Validator:
 
     def score(self, net: nn.Module, folder: Path | None) -> dict[float, dict[str, Any]]:
         """sigma -> {"mean": metrics, "per_image": [...], "images": {item id: path relative to the run}}."""
-        decoder = undistilled_decoder(net, self.backbone)
+        decoder = undistilled_decoder(net, self.backbone, self.null_embeds)
         out: dict[float, dict[str, Any]] = {}
         for sigma in self.cfg.sigmas:
             rows, images = [], {}
             for index, item in enumerate(self.items):
-                decoded = decode_item(decoder, item, sigma, self.null_embeds, self.cfg, index)
+                decoded = decode_item(decoder, item, sigma, self.cfg, index)
                 scores = summarize(decoded, item.target)
                 rows.append({"id": item.item_id, **{m: scores[m][0] for m in METRICS}})
                 if folder is not None and index < self.cfg.images:
