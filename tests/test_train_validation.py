@@ -18,7 +18,7 @@ from urllib.parse import unquote
 import pytest
 
 from cli_driver import cli_env, run_module
-from train_harness import make_images, prepare, train
+from train_harness import make_images, make_init, prepare, train
 
 METRICS = ("psnr", "ssim", "delta_e2000")
 
@@ -122,19 +122,28 @@ def test_validation_scores_the_ema_beside_the_init_and_the_report_shows_it(tmp_p
     assert done.stdout.strip() == str(report) and _parse(report).series == page.series
 
 
-@pytest.mark.parametrize("args, words", [
-    (["val_manifest=/nonexistent/val.jsonl"], "val_manifest: manifest /nonexistent/val.jsonl does not exist"),
-    (["val_sigmas=0,1.5"], "val_sigmas must be values in [0, 1]"),
-])
-def test_bad_validation_options_are_one_line_and_exit_2(tmp_path, args, words):
+def test_bad_validation_options_are_one_line_and_exit_2(tmp_path):
     images = make_images(tmp_path / "images")
     manifest = _held_out(tmp_path)
     done = run_module("pid.train", f"data={images}", f"output_dir={tmp_path}/runs", f"val_manifest={manifest}",
-                      *args)
+                      "val_sigmas=0,1.5")
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "val_sigmas must be values in [0, 1]" in lines[0]
     assert not (tmp_path / "runs").exists()
+    # the same checks in the plan (no process start): a missing manifest or image, a zero step count
+    from pid.errors import ConfigError, InputError
+
+    from train_harness import plan_for
+
+    make_init(tmp_path / "init.pth")
+    with pytest.raises(InputError, match="val_manifest: manifest /nonexistent/val.jsonl does not exist"):
+        plan_for(tmp_path, "val_manifest=/nonexistent/val.jsonl")
+    (tmp_path / "held" / "img1.png").unlink()
+    with pytest.raises(InputError, match="img1.png does not exist"):
+        plan_for(tmp_path, f"val_manifest={manifest}")
+    with pytest.raises(ConfigError, match="val_steps must be >= 1"):
+        plan_for(tmp_path, f"val_manifest={manifest}", "val_steps=0")
 
 
 def test_dry_run_shows_the_validation(tmp_path):
