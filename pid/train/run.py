@@ -9,7 +9,7 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from pid.train.plan import PIXELDIT_FILE, RUN_FILE, TrainPlan
 from pid.training.checkpoint import latest_checkpoint, load_checkpoint, read_init_weights, save_checkpoint
 from pid.training.loop import Encoders, LoopConfig, TeacherStep, TrainState, init_ema, train_loop
 from pid.training.trainable import TEACHER_TRAINABLE_PREFIXES as ADAPTER_PREFIXES
+
+if TYPE_CHECKING:
+    from pid.training.validation import Validator
 
 EXIT_OK = 0
 
@@ -305,7 +308,8 @@ def run(plan: TrainPlan, encoders: Encoders | None = None, data: Any = None) -> 
     return EXIT_OK
 
 
-def open_validation(plan: TrainPlan, net: PiDNet, encoders: Encoders, device: torch.device, rank: int):
+def open_validation(plan: TrainPlan, net: PiDNet, encoders: Encoders, device: torch.device,
+                    rank: int) -> Validator | None:
     """The validator on rank 0 when `val_manifest=` is set: the held-out set encoded once, the init's scores
     made (the net still holds the init weights) or read from the run folder. With a prepare cache the VAE and
     Gemma-2 are loaded for this only, then dropped."""
