@@ -203,3 +203,25 @@ def test_help_documents_the_validation_options_and_the_signal_exit_codes():
     for word in ("val_manifest=<path>", "val_every=<int>", "val_sigmas=", "val_steps=<int>", "130 interrupted",
                  "143 by SIGTERM"):
         assert word in done.stdout, word
+
+
+@pytest.mark.slow
+def test_validation_of_a_run_on_a_prepare_cache_loads_the_encoders_for_the_held_out_set(tmp_path, hub_cache_env):
+    """data= a prepare cache: training needs neither the VAE nor Gemma-2; validation loads them to encode the
+    held-out set once, as a user runs both commands."""
+    prepare(tmp_path)
+    manifest = _held_out(tmp_path)
+    cache = tmp_path / "cache"
+    done = run_module("pid.train.prepare", "backbone=flux", f"data={tmp_path / 'images'}", f"out={cache}",
+                      "resolution=64", env=hub_cache_env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = run_module("pid.train", f"data={cache}", f"init={tmp_path / 'init.pth'}", "resolution=64",
+                      f"output_dir={tmp_path / 'runs'}", "warmup_steps=0", "progress=false", "steps=2",
+                      "val_every=2", f"val_manifest={manifest}", "val_steps=1", "val_cfg_scale=1",
+                      env=hub_cache_env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "flux_teacher"
+    rows = _lines(run_dir / "val.jsonl")
+    assert [r["step"] for r in rows] == [2] and len(rows[0]["per_image"]) == 2
+    assert "caption encoder" in done.stderr  # loaded for the held-out set only
+    assert "No validation yet" not in (run_dir / "report.html").read_text(encoding="utf-8")
