@@ -205,3 +205,40 @@ def test_two_gloo_ranks_split_the_shards_and_build_the_same_cache_as_one(tmp_pat
     for item in one.train_index().items:
         for name in ["lq_latent", *(field for field, _ in item.captions)]:
             assert torch.equal(two.tensor(item.key, name), one.tensor(item.key, name))
+
+
+def test_the_cache_gives_the_same_losses_as_encoding_on_the_fly(tmp_path):
+    """The trainer's step inputs from a prepare cache (cached latent, cached caption / "" embeddings) and from
+    the frozen encoders run now give the same teacher losses with the same draws (one caption dropped)."""
+    from types import SimpleNamespace
+
+    from pid.training import dynamic_shift, teacher_losses
+    from pid.training.loop import Encoders, caption_embeds_of, draw_batch, lq_latent_of
+
+    from tiny import tiny_net
+
+    manifest = _dataset(tmp_path)
+    space = get_space("flux").attach(tiny_autoencoder_kl(latent_channels=16))
+    encoder = tiny_caption_encoder()
+    out = tmp_path / "cache"
+    settings = load_config([f"data={manifest}", f"out={out}", "resolution=256", "shard_size=2"])
+    assert prepare.run(settings, latent_space=space, caption_encoder=encoder)["exit_code"] == 0
+    batch = next(iter(open_loader(out, 2, seed=0)))
+    assert batch.lq_latent is not None and batch.caption_embeds is not None
+    net = tiny_net("v1pt5_latent16ch", aux_rgb_head=True).train()
+    pixels = batch.pixels.float()
+    on_the_fly = SimpleNamespace(pixels=pixels, captions=batch.captions, keys=batch.keys)  # no cached tensors
+    live = Encoders(encode_lq=space.encode, encode_captions=encoder.encode)
+    cached = Encoders(None, None)
+    captions = [batch.captions[0], ""]  # the second caption dropped: the cache's "" embedding stands in
+    _, draws = draw_batch(0, 7, 0, captions, (16, pixels.shape[2] // 32, pixels.shape[3] // 32),
+                          tuple(pixels.shape[1:]), torch.device("cpu"), caption_dropout=0.0, lq_dropout=0.0)
+    losses = {}
+    for name, source, encoders in (("cache", batch, cached), ("live", on_the_fly, live)):
+        inputs = {"pixels": pixels, "lq_latent": lq_latent_of(source, encoders, pixels),
+                  "caption_embeds": caption_embeds_of(source, captions, encoders, torch.device("cpu"))}
+        with torch.no_grad():
+            losses[name] = teacher_losses(net, inputs, draws, shift=dynamic_shift(*pixels.shape[-2:]))
+    for key in ("diffusion", "align", "total"):
+        assert torch.isfinite(losses["cache"][key]) and float(losses["cache"][key]) > 0
+        torch.testing.assert_close(losses["cache"][key], losses["live"][key], rtol=0, atol=0)

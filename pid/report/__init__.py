@@ -57,6 +57,10 @@ def write_report(run_dir: str | Path, out_path: str | Path | None = None, *,
     Idempotent and atomic; previews are made once and reused while their source file is unchanged. Raises
     InputError (one line) when `run_dir` is not a from_ldm / from_clean run folder.
     """
+    from pid.report.training import is_training_run, write_training_report
+
+    if is_training_run(run_dir):  # a python -m pid.train run folder: curves and validation images
+        return write_training_report(run_dir, out_path)
     run = load_run(run_dir)
     out = Path(out_path) if out_path is not None else run.path / REPORT_NAME
     cache = PreviewCache(run.path, preview_max_side)

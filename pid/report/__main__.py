@@ -1,6 +1,6 @@
 """python -m pid.report RUN_DIR [RUN_DIR ...] [-o OUT.html]
 
-One run folder: rebuild its report.html (or write it to -o). Several: a side-by-side comparison of the items
+One run folder (from_ldm, from_clean or pid.train): rebuild its report.html (or write it to -o). Several: a side-by-side comparison of the items
 they have in common (default: compare.html in the folder that holds the runs,
 else in the current folder).
 """

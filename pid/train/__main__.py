@@ -8,7 +8,8 @@ Options, their defaults and help come from configs/train.yaml (the same front do
 key=value or --key value, text verbatim). The command is parsed once into a `TrainPlan`; `--dry_run` prints it
 as JSON and loads nothing. A rerun of the same command resumes the run from its latest checkpoint.
 
-Exit codes: 0 done; 1 the run failed; 2 bad input before any work; 130 interrupted (a checkpoint was saved).
+Exit codes: 0 done; 1 the run failed; 2 bad input before any work; 128 + the signal when stopped (130 Ctrl-C /
+SIGINT, 143 SIGTERM, e.g. a scheduler's preemption): the current step finished and its checkpoint was saved.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from collections.abc import Sequence
 from pid.inference.cli import Command, EntryPoint, print_plan, rank_and_world, run_cli
 
 TRAIN = EntryPoint("train", flags={}, exit_codes="0 done, 1 the run failed, 2 bad input, 130 interrupted "
-                   "(a checkpoint was saved; rerun the command to resume)")
+                   "by Ctrl-C (SIGINT) or 143 by SIGTERM (a checkpoint of the current step was saved; rerun the "
+                   "command to resume)")
 MODULE = "pid.train"
 
 

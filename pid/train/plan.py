@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pid.errors import CheckpointMismatchError, ConfigError
+from pid.errors import CheckpointMismatchError, ConfigError, InputError
 from pid.inference.cli import Settings, check_output_dir
 from pid.models.configs import (
     PiDNetConfig,
@@ -23,6 +23,7 @@ from pid.models.configs import (
     released_name,
 )
 from pid.train.memory import estimate_train_memory
+from pid.training.validation import ValConfig
 
 Mode = Literal["teacher", "full"]
 
@@ -91,6 +92,7 @@ class TrainPlan:
     text_encoder: str | None = None
     text_encoder_revision: str | None = None
     resume_step: int | None = None
+    val: ValConfig | None = None  # validation on a held-out manifest (None: off)
 
     @property
     def global_batch(self) -> int:
@@ -126,6 +128,7 @@ class TrainPlan:
             "estimated_peak_memory_per_gpu": {**memory.describe(), "image": f"{largest[1]}x{largest[0]}",
                                               "bf16_autocast": True},
             "output_dir": str(self.run_dir), "rank": rank,
+            "validation": None if self.val is None else {**asdict(self.val), "sigmas": list(self.val.sigmas)},
         }
 
 
@@ -284,6 +287,7 @@ def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
         raise ConfigError(f"grad_clip must be > 0 and ema_rate in (0, 1), got {settings.grad_clip}, "
                           f"{settings.ema_rate}")
     caption_dropout, lq_dropout = _probability(settings, "caption_dropout"), _probability(settings, "lq_dropout")
+    val = validation_config(settings)
     init = resolve_init(settings, backbone)
     net_config = training_net_config(settings, backbone, init)
     trainable, frozen = parameter_counts(net_config, settings.mode)
@@ -311,7 +315,34 @@ def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
         checkpoint_dir=settings.checkpoint_dir, pid_revision=settings.pid_revision,
         text_encoder=settings.text_encoder, text_encoder_revision=settings.text_encoder_revision,
     )
-    return replace(plan, resume_step=check_resume(plan))
+    return replace(plan, resume_step=check_resume(plan), val=val)
+
+
+def validation_config(settings: Settings) -> ValConfig | None:
+    """`val_*` options as a ValConfig (None without val_manifest= or with val_every=0); the manifest is read
+    now so a bad one fails before anything loads."""
+    from pid.inference.io import read_manifest
+
+    manifest = settings.get("val_manifest")
+    if manifest is None or int(settings.get("val_every", 0)) == 0:
+        return None
+    _positive(settings, "val_every", 0)
+    _positive(settings, "val_steps")
+    _positive(settings, "val_images", 0)
+    sigmas = settings.get("val_sigmas") or [0.0]
+    sigmas = tuple(sorted({float(s) for s in (sigmas if isinstance(sigmas, list) else [sigmas])}))
+    if any(not 0.0 <= s <= 1.0 for s in sigmas):
+        raise ConfigError(f"val_sigmas must be values in [0, 1], got {settings.val_sigmas}")
+    cfg_scale = float(settings.get("val_cfg_scale"))
+    if not cfg_scale >= 1.0:
+        raise ConfigError(f"val_cfg_scale must be >= 1 (1 turns text CFG off), got {cfg_scale}")
+    try:
+        read_manifest(manifest, check_images=True)
+    except InputError as exc:
+        raise InputError(f"val_manifest: {exc}") from None
+    return ValConfig(manifest=str(Path(manifest).expanduser().absolute()), every=int(settings.val_every),
+                     sigmas=sigmas, steps=int(settings.val_steps), cfg_scale=cfg_scale,
+                     images=int(settings.val_images), resolution=int(settings.resolution), seed=int(settings.seed))
 
 
 def check_resume(plan: TrainPlan) -> int | None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,14 +19,19 @@ from torch import Tensor, nn
 from pid.errors import CheckpointMismatchError
 from pid.inference import distributed as dist
 from pid.inference.io import append_jsonl, atomic_write_text, to_json
+from pid.inference.lifecycle import exit_code_for_signal
 from pid.models import PiDNet, PiDNetConfig, build_pid_net
 from pid.models.configs import net_config_to_dict
+from pid.report.training import update_training_report
 from pid.train.plan import PIXELDIT_FILE, RUN_FILE, TrainPlan
 from pid.training.checkpoint import latest_checkpoint, load_checkpoint, read_init_weights, save_checkpoint
 from pid.training.loop import Encoders, LoopConfig, TeacherStep, TrainState, init_ema, train_loop
 from pid.training.trainable import TEACHER_TRAINABLE_PREFIXES as ADAPTER_PREFIXES
 
-EXIT_OK, EXIT_INTERRUPTED = 0, 130
+if TYPE_CHECKING:
+    from pid.training.validation import Validator
+
+EXIT_OK = 0
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -227,7 +233,8 @@ class Progress:
 
 
 def run(plan: TrainPlan, encoders: Encoders | None = None, data: Any = None) -> int:
-    """Train (or resume) the run `plan` describes; returns the exit code (0 done, 130 stopped by a signal).
+    """Train (or resume) the run `plan` describes; returns the exit code (0 done, 128 + the signal's
+    number when stopped by one: 130 SIGINT, 143 SIGTERM).
     `encoders` / `data` may be passed in (tests, embedding)."""
     env = dist.init_distributed()
     device = torch.device(plan.device) if plan.device else dist.rank_device()
@@ -244,6 +251,12 @@ def run(plan: TrainPlan, encoders: Encoders | None = None, data: Any = None) -> 
     optimizer, scheduler = make_optimizer(model, plan)
     state = TrainState(step=0, model=model, optimizer=optimizer, scheduler=scheduler, ema=init_ema(model))
     data = data if data is not None else open_data(plan, env.rank, env.world_size)
+    finished = plan.resume_step is not None and plan.resume_step >= plan.steps
+    if encoders is None and not finished:
+        # a prepare cache carries the latents and caption embeddings: neither the VAE nor Gemma-2 is loaded
+        cached = plan.data.format == "prepare cache"
+        encoders = Encoders(None, None) if cached else load_encoders(plan, device)
+    validator = open_validation(plan, net, encoders, device, env.rank) if not finished else None
     resume = latest_checkpoint(run_dir)
     if resume is not None:
         data.load_state_dict(load_checkpoint(resume, state))
@@ -252,10 +265,6 @@ def run(plan: TrainPlan, encoders: Encoders | None = None, data: Any = None) -> 
         logger.info("{} already finished {} steps; export it with: python -m pid.train.export {}", run_dir,
                     state.step, run_dir)
         return EXIT_OK
-    if encoders is None:
-        # a prepare cache carries the latents and caption embeddings: neither the VAE nor Gemma-2 is loaded
-        cached = plan.data.format == "prepare cache"
-        encoders = Encoders(None, None) if cached else load_encoders(plan, device)
     cfg = LoopConfig(steps=plan.steps, batch_size=plan.batch_size, grad_accum=plan.grad_accum,
                      grad_clip=plan.grad_clip, ema_rate=plan.ema_rate, caption_dropout=plan.caption_dropout,
                      lq_dropout=plan.lq_dropout, seed=plan.seed, ckpt_every=plan.ckpt_every,
@@ -267,6 +276,7 @@ def run(plan: TrainPlan, encoders: Encoders | None = None, data: Any = None) -> 
                   "skipped_items": skip_log.count if skip_log is not None else 0}
         if env.rank == 0:
             append_jsonl(run_dir / "metrics.jsonl", record)
+            update_training_report(run_dir)
 
     def on_checkpoint(current: TrainState, final: bool) -> None:
         folder = save_checkpoint(run_dir, current, data.state_dict(), plan.keep_checkpoints)
@@ -274,19 +284,52 @@ def run(plan: TrainPlan, encoders: Encoders | None = None, data: Any = None) -> 
             logger.info("checkpoint {} written", folder.name)
 
     progress = Progress(plan, state.step, plan.progress and env.rank == 0)
+
+    def on_step(current: TrainState) -> None:
+        progress(current)
+        if validator is not None and (current.step % validator.cfg.every == 0 or current.step == plan.steps):
+            validator(current.step, net, current.ema)
+            update_training_report(run_dir, final=True)
+
     try:
         status = train_loop(cfg, state, data, encoders, device, env.rank, env.world_size, on_log=on_log,
-                            on_checkpoint=on_checkpoint, on_step=progress)
+                            on_checkpoint=on_checkpoint, on_step=on_step)
     finally:
         progress.close()
+        if env.rank == 0:
+            update_training_report(run_dir, final=True)
     if status == "stopped":
-        logger.warning("stopped by a signal at step {}; the checkpoint is saved, rerun the command to resume",
-                       state.step)
-        return EXIT_INTERRUPTED
+        logger.warning("stopped by {} at step {}; the checkpoint is saved, rerun the command to resume",
+                       signal.Signals(state.stop_signal).name, state.step)
+        return exit_code_for_signal(state.stop_signal)
     if env.rank == 0:
         logger.info("done: {} steps; export the EMA weights with: python -m pid.train.export {}", state.step,
                     run_dir)
     return EXIT_OK
+
+
+def open_validation(plan: TrainPlan, net: PiDNet, encoders: Encoders, device: torch.device,
+                    rank: int) -> Validator | None:
+    """The validator on rank 0 when `val_manifest=` is set: the held-out set encoded once, the init's scores
+    made (the net still holds the init weights) or read from the run folder. With a prepare cache the VAE and
+    Gemma-2 are loaded for this only, then dropped."""
+    if plan.val is None or rank != 0:
+        return None
+    if plan.mode == "full" and dist.get_world_size() > 1:
+        logger.warning("validation is not run with mode=full on several processes (FSDP2 shards the weights); "
+                       "export a checkpoint and score it with from_clean")
+        return None
+    from pid.training.validation import open_validator
+
+    own = encoders.encode_lq is None or encoders.encode_captions is None
+    full = load_encoders(plan, device) if own else encoders
+    validator = open_validator(plan.val, plan.run_dir, plan.backbone, net, full.encode_lq, full.encode_captions,
+                               device)
+    if own:
+        del full
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return validator
 
 
 def network_config_of_run(run_dir: Path) -> PiDNetConfig:

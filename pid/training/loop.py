@@ -87,6 +87,7 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: dict[str, Tensor]  # trainable parameter name (as in net.named_parameters) -> EMA tensor
     log: dict[str, float] = field(default_factory=dict)
+    stop_signal: int | None = None  # the signal that stopped the run (train_loop returned "stopped")
 
 
 class TeacherStep(nn.Module):
@@ -302,5 +303,6 @@ def train_loop(cfg: LoopConfig, state: TrainState, data: BatchSource, encoders: 
                 on_checkpoint(state, state.step == cfg.steps)
             if stopping and state.step < cfg.steps:
                 status = "stopped"
+                state.stop_signal = stop.signal or signal.SIGTERM  # another rank's signal: as a preemption
                 break
     return status
