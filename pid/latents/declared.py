@@ -1,0 +1,624 @@
+"""Latent spaces a user declares: any diffusers autoencoder, its normalisation and geometry, as data.
+
+    space = pid.latents.declare(vae="stabilityai/sd-vae-ft-mse", name="sd15", noise_form="vp")
+    space = pid.latents.resolve("my_space.yaml")          # the same fields in a YAML / JSON file
+    space = pid.latents.resolve("my_pkg.spaces:MySpace")  # a LatentSpace subclass, for spaces that need code
+
+A declaration (`LatentSpaceSpec`) names the autoencoder (a hub repo id with `subfolder` / `revision`, a local
+diffusers folder, or a single weight file with its `config.json`), how its raw latent becomes the normalised
+latent PiD reads, and its geometry:
+
+    z = posterior mean of the VAE                        [B, c, H/d, W/d]
+    z = patchify_2x2(z) when patchify == 2               [B, 4c, H/2d, W/2d]  (FLUX.2's layout)
+    z_norm = normalisation(z):
+        affine     (z - shift) * scale                  scale/shift declared, else the VAE config's factors
+        mean_std   (z - mean_c) / std_c * scale          per-channel stats declared, else the VAE config's
+        batchnorm  (z - running_mean_c) / sqrt(running_var_c + eps)   the VAE's own `bn` (FLUX.2)
+        none       z
+        auto       mean_std when the VAE config has latents_mean/std, else affine
+
+The declaration travels with a decoder trained for it (`space_metadata` / `space_from_metadata`, the
+`pid.latent_space.spec` entry of a checkpoint's safetensors metadata), so a decoder file is enough to know which
+VAE and normalisation it reads.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from pid.errors import CheckpointNotFoundError, ConfigError, InputError
+from pid.latents.base import (
+    LatentSpace,
+    default_device,
+    default_dtype,
+    finish_module,
+    grid_to_tokens,
+    module_device_dtype,
+    pack_2x2,
+    patchify_2x2,
+    tokens_to_grid,
+    unpack_2x2,
+    unpatchify_2x2,
+    vae_scale_factor,
+)
+
+Normalization = Literal["auto", "affine", "mean_std", "batchnorm", "none"]
+Packing = Literal["none", "2x2", "tokens"]
+NORMALIZATIONS = ("auto", "affine", "mean_std", "batchnorm", "none")
+PACKINGS = ("none", "2x2", "tokens")
+# Key of a checkpoint's metadata that carries the declaration (JSON), beside `pid.net_config`.
+SPACE_SPEC_KEY = "pid.latent_space.spec"
+SPACE_NAME_KEY = "pid.latent_space"
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+_BN_EPS = 1e-4
+
+
+@dataclass(frozen=True)
+class LatentSpaceSpec:
+    """A declared latent space (module docstring). Only `vae` (or `entry_point`) is required."""
+
+    name: str = "custom"
+    vae: str | None = None  # hub repo id, local diffusers folder, or a single weight file
+    subfolder: str | None = None  # inside a hub repo / folder, e.g. "vae"
+    revision: str | None = None  # of the hub repo
+    vae_class: str | None = None  # a diffusers Autoencoder* class; default the config's `_class_name`
+    vae_config: str | None = None  # config.json of a single weight file (default: config.json beside it)
+    normalization: Normalization = "auto"
+    scaling_factor: float | None = None
+    shift_factor: float | None = None
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    batchnorm_eps: float | None = None
+    patchify: int = 1  # 2: FLUX.2's 2x2 patchify before the normalisation
+    channels: int | None = None  # channels PiD reads (after patchify); checked against the VAE
+    downsample: int | None = None  # image pixels per latent cell (after patchify); checked against the VAE
+    size_multiple: int | None = None  # image sides must be multiples of this (default: downsample)
+    noise_form: Literal["flow", "vp"] = "flow"
+    pipeline_packing: Packing = "none"  # how the LDM pipeline carries the latent when it has no unpack helper
+    entry_point: str | None = None  # "module:Class", a LatentSpace subclass (then only `options` are used)
+    options: Mapping[str, Any] = field(default_factory=dict)  # keyword arguments of the entry point class
+
+    def __post_init__(self) -> None:
+        if self.vae is None and self.entry_point is None:
+            raise ConfigError("a declared latent space needs vae=<hub id, folder or file> (or entry_point=module:Class)")
+        if self.normalization not in NORMALIZATIONS:
+            raise ConfigError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}")
+        if self.pipeline_packing not in PACKINGS:
+            raise ConfigError(f"pipeline_packing must be one of {', '.join(PACKINGS)}, got {self.pipeline_packing!r}")
+        if self.patchify not in (1, 2):
+            raise ConfigError(f"patchify must be 1 or 2 (FLUX.2's 2x2), got {self.patchify}")
+        if self.noise_form not in ("flow", "vp"):
+            raise ConfigError(f"noise_form must be flow or vp, got {self.noise_form!r}")
+        if (self.latents_mean is None) != (self.latents_std is None):
+            raise ConfigError("give latents_mean and latents_std together")
+        if self.latents_std is not None and any(s <= 0 for s in self.latents_std):
+            raise ConfigError("latents_std values must be positive")
+        for key in ("channels", "downsample", "size_multiple"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or int(value) < 1):
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        if self.entry_point is not None and ":" not in self.entry_point:
+            raise ConfigError(f"entry_point must look like module:Class, got {self.entry_point!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that differ from the defaults, as JSON-safe values (what a checkpoint carries)."""
+        default = {f.name: f.default for f in fields(self) if f.name != "options"}
+        out = {k: v for k, v in asdict(self).items() if k == "name" or default.get(k, object()) != v}
+        for key in ("latents_mean", "latents_std"):
+            if out.get(key) is not None:
+                out[key] = [float(x) for x in out[key]]
+        if not out.get("options"):
+            out.pop("options", None)
+        return out
+
+
+def spec_from_mapping(values: Mapping[str, Any], base_dir: Path | None = None) -> LatentSpaceSpec:
+    """A spec from plain values (a parsed file or `latent_space=` options); unknown keys are a ConfigError.
+
+    Relative local paths (`vae`, `vae_config`) resolve against `base_dir` (the declaration file's folder) when
+    they exist there."""
+    known = {f.name for f in fields(LatentSpaceSpec)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown latent space fields: {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    data = dict(values)
+    for key in ("latents_mean", "latents_std"):
+        if data.get(key) is not None:
+            data[key] = tuple(float(x) for x in data[key])
+    for key in ("scaling_factor", "shift_factor", "batchnorm_eps"):
+        if data.get(key) is not None:
+            data[key] = float(data[key])
+    for key in ("patchify", "channels", "downsample", "size_multiple"):
+        if data.get(key) is not None:
+            data[key] = int(data[key])
+    if base_dir is not None:
+        for key in ("vae", "vae_config"):
+            if data.get(key) and not Path(str(data[key])).expanduser().is_absolute():
+                candidate = base_dir / str(data[key])
+                if candidate.exists():
+                    data[key] = str(candidate)
+    data["options"] = dict(data.get("options") or {})
+    return LatentSpaceSpec(**data)
+
+
+def read_spec_file(path: str | Path) -> LatentSpaceSpec:
+    """A declaration from a YAML or JSON file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"latent space file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise ConfigError(f"latent space file {path} is not valid {path.suffix[1:].upper()}: {exc}") from None
+    except Exception as exc:  # yaml.YAMLError
+        first = " ".join(str(exc).split())
+        raise ConfigError(f"latent space file {path} is not valid YAML: {first}") from None
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"latent space file {path} must hold a mapping of fields (vae: ..., normalization: ...)")
+    values = dict(values)
+    values.setdefault("name", path.stem)
+    return spec_from_mapping(values, base_dir=path.parent)
+
+
+def is_declaration(reference: Any) -> bool:
+    """Whether `reference` names a declared space (a file, a module:Class, a mapping) rather than a backbone."""
+    if isinstance(reference, (Mapping, LatentSpaceSpec)):
+        return True
+    text = str(reference).strip()
+    return text.endswith((".yaml", ".yml", ".json")) or text.startswith("{") or _is_entry_point(text)
+
+
+def _is_entry_point(text: str) -> bool:
+    module, sep, cls = text.partition(":")
+    return bool(sep) and bool(module) and cls.isidentifier() and all(p.isidentifier() for p in module.split("."))
+
+
+def spec_from_reference(reference: str | Mapping[str, Any] | LatentSpaceSpec) -> LatentSpaceSpec:
+    """A spec from a file path, inline JSON, "module:Class" or a mapping."""
+    if isinstance(reference, LatentSpaceSpec):
+        return reference
+    if isinstance(reference, Mapping):
+        return spec_from_mapping(reference)
+    text = str(reference).strip()
+    if text.startswith("{"):
+        try:
+            return spec_from_mapping(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"latent_space is not valid JSON ({exc})") from None
+    if _is_entry_point(text) and not Path(text).exists():
+        return LatentSpaceSpec(name=text.rpartition(":")[2].lower(), entry_point=text)
+    return read_spec_file(text)
+
+
+def build_space(spec: LatentSpaceSpec) -> LatentSpace:
+    """The latent-space object of a spec: a `DeclaredLatentSpace`, or the entry point's class."""
+    if spec.entry_point is None:
+        return DeclaredLatentSpace(spec)
+    module_name, _, class_name = spec.entry_point.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot import latent space {spec.entry_point} ({exc})") from None
+    if not (isinstance(cls, type) and issubclass(cls, LatentSpace)):
+        raise ConfigError(f"{spec.entry_point} is not a pid.latents.LatentSpace subclass")
+    try:
+        space = cls(**dict(spec.options))
+    except TypeError as exc:
+        raise ConfigError(f"cannot build {spec.entry_point} with options {dict(spec.options)} ({exc})") from None
+    space.spec = spec  # type: ignore[attr-defined]  # so a checkpoint can carry it
+    return space
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint metadata
+# ----------------------------------------------------------------------------------------------
+
+
+def space_metadata(space: LatentSpace | str) -> dict[str, str]:
+    """Metadata entries naming a latent space: the family name, and the declaration when it is declared."""
+    if isinstance(space, str):
+        from pid.latents import get
+
+        space = get(space)
+    spec = getattr(space, "spec", None)
+    out = {SPACE_NAME_KEY: str(space.name)}
+    if isinstance(spec, LatentSpaceSpec):
+        out[SPACE_SPEC_KEY] = json.dumps(spec.to_dict(), sort_keys=True)
+    return out
+
+
+def space_from_metadata(metadata: Mapping[str, Any], source: str = "checkpoint") -> LatentSpace | None:
+    """The declared space a checkpoint's metadata carries, or None (a built-in family or nothing)."""
+    text = metadata.get(SPACE_SPEC_KEY)
+    if text is None:
+        return None
+    try:
+        values = json.loads(text) if isinstance(text, str) else dict(text)
+        return build_space(spec_from_mapping(values))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ConfigError(f"{source}: its {SPACE_SPEC_KEY} is unusable ({exc})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The space
+# ----------------------------------------------------------------------------------------------
+
+
+class DeclaredLatentSpace(LatentSpace):
+    """A latent space over any diffusers autoencoder, described by a `LatentSpaceSpec`."""
+
+    name = "custom"
+    default_channels = 0
+
+    def __init__(self, spec: LatentSpaceSpec) -> None:
+        self.spec = spec
+        self.name = spec.name  # type: ignore[misc]  # an instance's name: the declared one
+        self.noise_form = spec.noise_form  # type: ignore[misc]
+        super().__init__(spec.name)
+        self._unpack: Callable[..., Tensor] | None = None  # the attached pipeline's own unpack helper
+
+    # --- weights ------------------------------------------------------------------------------
+
+    def load(
+        self,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        checkpoint_dir: str | None = None,
+        revision: str | None = None,
+    ) -> DeclaredLatentSpace:
+        """Load the declared autoencoder (`checkpoint_dir` / `revision` are nvidia/PiD's and unused here)."""
+        vae = load_declared_vae(self.spec)
+        dev = default_device(device)
+        stats = _bn_stats_fp32(vae)
+        self.vae = finish_module(vae, dev, default_dtype(dtype, dev))
+        for name, value in stats.items():  # BatchNorm statistics stay fp32 (tiny and precision-critical)
+            setattr(self.vae.bn, name, value.to(dev))
+        self._check_geometry()
+        return self
+
+    def attach(self, vae: Any) -> DeclaredLatentSpace:
+        super().attach(vae)
+        self._check_geometry()
+        return self
+
+    def from_pipeline(self, pipe: Any) -> DeclaredLatentSpace:
+        super().from_pipeline(pipe)
+        self._unpack = getattr(type(pipe), "_unpack_latents", None)
+        return self
+
+    def _check_geometry(self) -> None:
+        """Declared channels / downsample must be what the autoencoder makes (one line naming both)."""
+        if self.spec.normalization == "batchnorm" and getattr(getattr(self.vae, "bn", None), "running_mean", None) is None:
+            raise ConfigError(f"latent space {self.name}: normalization batchnorm needs a VAE with a BatchNorm `bn` "
+                              f"(AutoencoderKLFlux2); {type(self.vae).__name__} has none")
+        made = self._vae_channels() * self.spec.patchify**2
+        if self.spec.channels is not None and self.spec.channels != made:
+            raise ConfigError(f"latent space {self.name} declares {self.spec.channels} channels but its VAE "
+                              f"{type(self.vae).__name__} makes {made}; fix channels= or the vae")
+        stride = self._vae_downsample() * self.spec.patchify
+        if self.spec.downsample is not None and self.spec.downsample != stride:
+            raise ConfigError(f"latent space {self.name} declares downsample {self.spec.downsample} but its VAE "
+                              f"downsamples by {stride}; fix downsample= or the vae")
+
+    def _vae_channels(self) -> int:
+        config = getattr(self.vae, "config", None)
+        for key in ("latent_channels", "z_dim"):
+            value = getattr(config, key, None)
+            if isinstance(value, int):
+                return value
+        raise ConfigError(f"latent space {self.name}: cannot read the latent channels of {type(self.vae).__name__}; "
+                          "declare channels=")
+
+    def _vae_downsample(self) -> int:
+        config = getattr(self.vae, "config", None)
+        ratio = getattr(config, "spatial_compression_ratio", None) or getattr(self.vae, "spatial_compression_ratio", None)
+        if isinstance(ratio, int):
+            return ratio
+        if type(self.vae).__name__ == "AutoencoderDC":
+            return 2 ** (len(config.encoder_block_out_channels) - 1)
+        return vae_scale_factor(self.vae)
+
+    # --- geometry -----------------------------------------------------------------------------
+
+    @property
+    def channels(self) -> int:
+        if self.vae is not None:
+            return self._vae_channels() * self.spec.patchify**2
+        if self.spec.channels is not None:
+            return self.spec.channels
+        raise ConfigError(f"latent space {self.name}: channels unknown before the VAE loads; declare channels=")
+
+    @property
+    def downsample(self) -> int:
+        if self.vae is not None:
+            return self._vae_downsample() * self.spec.patchify
+        return self.spec.downsample or 8 * self.spec.patchify
+
+    @property
+    def size_multiple(self) -> int:
+        return self.spec.size_multiple or self.downsample
+
+    # --- normalisation ------------------------------------------------------------------------
+
+    def _config_value(self, key: str) -> Any:
+        config = getattr(self.vae, "config", None)
+        return getattr(config, key, None) if config is not None else None
+
+    def _mode(self) -> str:
+        mode = self.spec.normalization
+        if mode != "auto":
+            return mode
+        if self.spec.latents_mean is not None or self._config_value("latents_mean") is not None:
+            return "mean_std"
+        return "affine"
+
+    def _scale(self, default: float) -> float:
+        for value in (self.spec.scaling_factor, self._config_value("scaling_factor")):
+            if value is not None:
+                return float(value)
+        return default
+
+    def _stats(self, latent: Tensor) -> tuple[Tensor, Tensor]:
+        """(offset, divisor) per channel of `latent` (after patchify), float32, shaped for broadcasting."""
+        mode = self._mode()
+        c = latent.shape[1]
+        if mode == "none":
+            mean, std = torch.zeros(1), torch.ones(1)
+        elif mode == "affine":
+            shift = self.spec.shift_factor
+            shift = shift if shift is not None else self._config_value("shift_factor")
+            mean, std = torch.tensor([float(shift or 0.0)]), torch.tensor([1.0 / self._scale(1.0)])
+        elif mode == "mean_std":
+            mean_v = self.spec.latents_mean or self._config_value("latents_mean")
+            std_v = self.spec.latents_std or self._config_value("latents_std")
+            if mean_v is None or std_v is None:
+                raise ConfigError(f"latent space {self.name}: normalization mean_std needs latents_mean/latents_std "
+                                  "(declared, or in the VAE config)")
+            mean = torch.tensor([float(x) for x in mean_v])
+            std = torch.tensor([float(x) for x in std_v]) / self._scale(1.0)
+        else:  # batchnorm
+            bn = self._require_vae(f"{self.name} batchnorm normalisation").bn
+            eps = self.spec.batchnorm_eps or getattr(bn, "eps", None) or _BN_EPS
+            mean, std = bn.running_mean.float().cpu(), torch.sqrt(bn.running_var.float().cpu() + float(eps))
+        p2 = self.spec.patchify**2
+        if mean.numel() not in (1, c) and mean.numel() * p2 == c:  # stats of the raw channels, before patchify
+            mean, std = mean.repeat_interleave(p2), std.repeat_interleave(p2)
+        if mean.numel() not in (1, c) or std.numel() not in (1, c):
+            raise ConfigError(f"latent space {self.name}: {mode} statistics have {mean.numel()} values for a "
+                              f"{c}-channel latent")
+        view = (1, -1, 1, 1)
+        return mean.to(latent.device).view(view), std.to(latent.device).view(view)
+
+    def normalize(self, raw: Tensor) -> Tensor:
+        x = patchify_2x2(raw) if self.spec.patchify == 2 else raw
+        mean, std = self._stats(x)
+        return ((x.float() - mean) / std).to(raw.dtype)
+
+    def denormalize(self, latent: Tensor) -> Tensor:
+        mean, std = self._stats(latent)
+        x = (latent.float() * std + mean).to(latent.dtype)
+        return unpatchify_2x2(x) if self.spec.patchify == 2 else x
+
+    # --- images -------------------------------------------------------------------------------
+
+    def _is_video_vae(self) -> bool:
+        return self._config_value("temperal_downsample") is not None  # Wan / Qwen-Image: [B, C, T, H, W]
+
+    def _encode_raw(self, images: Tensor) -> Tensor:
+        device, dtype = module_device_dtype(self.vae)
+        x = images.to(device, dtype)
+        out = self.vae.encode(x[:, :, None] if self._is_video_vae() else x)
+        dist = getattr(out, "latent_dist", None)
+        raw = dist.mean if dist is not None else getattr(out, "latent", None)
+        if raw is None:
+            raw = out[0]
+            raw = raw.mean if hasattr(raw, "mean") and not isinstance(raw, Tensor) else raw
+        raw = raw[:, :, 0] if raw.ndim == 5 else raw
+        return raw.float()
+
+    def _decode_raw(self, raw: Tensor) -> Tensor:
+        device, dtype = module_device_dtype(self.vae)
+        z = raw.to(device, dtype)
+        images = self.vae.decode(z[:, :, None] if self._is_video_vae() else z, return_dict=False)[0]
+        return images[:, :, 0] if images.ndim == 5 else images
+
+    # --- pipeline layouts ---------------------------------------------------------------------
+
+    def from_pipeline_latent(self, latent: Tensor, height: int, width: int) -> Tensor:
+        if latent.ndim == 4:
+            return latent
+        if latent.ndim != 3:
+            raise InputError(f"expected a (B, C, h, w) or token (B, seq, C) {self.name} latent, got {tuple(latent.shape)}")
+        if self._unpack is not None:  # the pipeline's own helper (FluxPipeline-style signature)
+            grid = self._unpack(latent, height, width, self.downsample // self.spec.patchify)
+            return grid if grid.ndim == 4 else grid[:, :, 0]
+        h, w = height // self.downsample, width // self.downsample
+        if self.spec.pipeline_packing == "2x2":
+            return unpack_2x2(latent, 2 * (h // 2), 2 * (w // 2))
+        return tokens_to_grid(latent, h, w)
+
+    def to_pipeline_latent(self, latent: Tensor) -> Tensor:
+        if self.spec.pipeline_packing == "2x2":
+            return pack_2x2(latent)
+        if self.spec.pipeline_packing == "tokens":
+            return grid_to_tokens(latent)
+        return super().to_pipeline_latent(latent)
+
+    def to_training_frame(self, latent: Tensor, sigma: float | Tensor) -> tuple[Tensor, float | Tensor]:
+        """Flow spaces: identity. VP spaces captured from a variance-exploding (Euler) scheduler, as SDXL:
+        x / sqrt(s^2 + 1), s / sqrt(s^2 + 1)."""
+        if self.noise_form != "vp":
+            return latent, sigma
+        if isinstance(sigma, Tensor):
+            d = (sigma.double() ** 2 + 1).sqrt()
+            view = (-1,) + (1,) * (latent.ndim - 1) if sigma.numel() > 1 else ()
+            return latent / d.reshape(view).to(latent), (sigma.double() / d).to(sigma.dtype)
+        d = math.sqrt(float(sigma) ** 2 + 1.0)
+        return latent / d, float(sigma) / d
+
+
+def _bn_stats_fp32(vae: Any) -> dict[str, Tensor]:
+    bn = getattr(vae, "bn", None)
+    if bn is None:
+        return {}
+    return {name: buf.float() for name, buf in bn.named_buffers() if buf.is_floating_point()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a declared autoencoder
+# ----------------------------------------------------------------------------------------------
+
+
+def autoencoder_class(name: str | None, config: Mapping[str, Any] | None = None) -> type:
+    """The diffusers autoencoder class `name` (default: the config's `_class_name`, else AutoencoderKL)."""
+    import diffusers
+
+    name = name or (config or {}).get("_class_name") or "AutoencoderKL"
+    cls = getattr(diffusers, str(name), None)
+    if cls is None or not str(name).startswith("Autoencoder"):
+        shipped = ", ".join(n for n in dir(diffusers) if n.startswith("AutoencoderKL"))[:200]
+        raise ConfigError(f"vae_class {name!r} is not a diffusers autoencoder (e.g. {shipped}, AutoencoderDC)")
+    return cls
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith(("/", ".", "~")) or source.count("/") != 1 or Path(source).expanduser().exists()
+
+
+def load_declared_vae(spec: LatentSpaceSpec) -> torch.nn.Module:
+    """The autoencoder of `spec` on the CPU in fp32 (a hub repo, a local folder or a single file)."""
+    source = str(spec.vae)
+    path = Path(source).expanduser()
+    if path.is_file() or (path.suffix in _WEIGHT_SUFFIXES and _looks_local(source)):
+        return _load_single_file(spec, path)
+    if _looks_local(source):
+        if not path.is_dir():
+            raise CheckpointNotFoundError(f"latent space {spec.name}: VAE {path} does not exist; give a diffusers "
+                                          "folder, a weight file or a hub repo id as vae=")
+        subfolder = spec.subfolder
+        if subfolder is None and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+            subfolder = "vae"  # a whole pipeline folder
+        config_path = path / (subfolder or "") / "config.json"
+        if not config_path.is_file():
+            raise CheckpointNotFoundError(f"latent space {spec.name}: {config_path.parent} holds no config.json of a "
+                                          "diffusers autoencoder")
+        cls = autoencoder_class(spec.vae_class, json.loads(config_path.read_text()))
+        return cls.from_pretrained(str(path), subfolder=subfolder).float().eval()
+    return _load_from_hub(spec, source)
+
+
+def _load_single_file(spec: LatentSpaceSpec, path: Path) -> torch.nn.Module:
+    from pid.latents.flux import load_autoencoder_kl, read_weights
+
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"latent space {spec.name}: VAE file {path} does not exist")
+    config_path = Path(spec.vae_config).expanduser() if spec.vae_config else path.with_name("config.json")
+    if not config_path.is_file():
+        raise ConfigError(f"latent space {spec.name}: the single-file VAE {path.name} needs its diffusers config; "
+                          f"give vae_config=<config.json> (looked for {config_path})")
+    config = json.loads(config_path.read_text())
+    cls = autoencoder_class(spec.vae_class, config)
+    return load_autoencoder_kl(read_weights(path), config, str(path), cls=cls).float().eval()
+
+
+def _load_from_hub(spec: LatentSpaceSpec, repo: str) -> torch.nn.Module:
+    from pid.hub import catchable_errors, download_command, translate_hub_error
+
+    try:
+        from huggingface_hub import hf_hub_download
+
+        config_file = hf_hub_download(repo, "config.json", subfolder=spec.subfolder, revision=spec.revision)
+        cls = autoencoder_class(spec.vae_class, json.loads(Path(config_file).read_text()))
+        return cls.from_pretrained(repo, subfolder=spec.subfolder, revision=spec.revision).float().eval()
+    except catchable_errors() as err:
+        command = download_command(repo, revision=spec.revision)
+        translated = translate_hub_error(err, repo, revision=spec.revision, command=command,
+                                         what=f"the {spec.name} VAE {repo}")
+        if translated is not None:
+            raise translated from err
+        raise CheckpointNotFoundError(f"could not load the {spec.name} VAE from {repo}: "
+                                      f"{' '.join(str(err).split())[:200]}") from err
+
+
+def declare(**fields_: Any) -> LatentSpace:
+    """A declared latent space from keyword fields of `LatentSpaceSpec` (nothing loaded)."""
+    return build_space(spec_from_mapping(fields_))
+
+
+def with_fields(space: DeclaredLatentSpace, **changes: Any) -> DeclaredLatentSpace:
+    """A copy of a declared space with some fields changed (nothing loaded)."""
+    return DeclaredLatentSpace(replace(space.spec, **changes))
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoders that know their space
+# ----------------------------------------------------------------------------------------------
+
+
+def declared_space_of(
+    checkpoint: str | Path | None, backbone: str | None = None, latent_space: Any = None
+) -> tuple[LatentSpace | None, str | None]:
+    """(declared space, backbone the file names) for a decoder load: `latent_space` if given, else `backbone` when
+    it is a declaration, else the space the checkpoint's metadata carries. A file made for a declared space asked
+    for as a built-in backbone is a one-line ConfigError naming both."""
+    from pid.checkpoints import read_checkpoint_metadata
+    from pid.latents import resolve
+
+    space: LatentSpace | None = None
+    if latent_space is not None:
+        space = resolve(latent_space)
+    elif backbone is not None and is_declaration(backbone):
+        space = resolve(backbone)
+    if space is not None and not _is_declared(space):
+        return None, space.backbone  # a built-in family named through latent_space=
+    metadata: dict[str, str] = {}
+    if checkpoint is not None and Path(checkpoint).expanduser().is_file():
+        metadata = read_checkpoint_metadata(Path(checkpoint).expanduser())
+    carried = space_from_metadata(metadata, str(checkpoint))
+    if space is None and carried is not None:
+        if backbone is not None:
+            raise ConfigError(f"{checkpoint} is a decoder for the declared latent space {carried.name!r}, not backbone "
+                              f"{backbone}; leave the backbone unset (the file says which VAE it reads)")
+        space = carried
+    return space, metadata.get("pid.backbone")
+
+
+def _is_declared(space: LatentSpace) -> bool:
+    return isinstance(getattr(space, "spec", None), LatentSpaceSpec)
+
+
+def check_space_fits(decoder_channels: int, space: LatentSpace, source: Any = "the decoder") -> None:
+    """A decoder reads `decoder_channels`-channel latents: the space must make as many (one line naming both)."""
+    try:
+        channels = space.channels
+    except ConfigError:
+        return  # not known before the VAE loads; checked again when it is attached
+    if channels != decoder_channels:
+        raise ConfigError(f"{source} decodes {decoder_channels}-channel latents but latent space {space.name} has "
+                          f"{channels} channels; use a decoder trained for {space.name}")
+
+
+def custom_record(name: str, config: Any, path: str | Path | None) -> Any:
+    """The checkpoint record of a decoder for a declared space (no hub folder; sampler from the file)."""
+    from pid.checkpoints import CheckpointRecord
+    from pid.models.configs import released_name
+
+    net_config = "custom" if config is None else (released_name(config) or config.name)
+    scale = 4 if config is None else int(config.sr_scale)
+    folder = Path(path).parent.name if path is not None else ""
+    return CheckpointRecord(name, "custom", folder, net_config, scale, name)
