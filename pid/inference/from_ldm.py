@@ -327,9 +327,11 @@ def build_decoder(settings: Settings, plan: Any, device: torch.device):
     kwargs: dict[str, Any] = {}
     if settings.get("pid_revision"):
         kwargs["revision"] = settings.pid_revision
+    space = getattr(plan, "space", None)  # a declared latent space: the decoder file is made for it
     decoder = PiDDecoder.from_pretrained(
-        plan.backbone, plan.ckpt_type, device=device, checkpoint=settings.pid_checkpoint,
-        checkpoint_dir=settings.checkpoint_dir, text_encoder=settings.text_encoder, **kwargs,
+        None if space is not None else plan.backbone, plan.ckpt_type, device=device,
+        checkpoint=settings.pid_checkpoint, checkpoint_dir=settings.checkpoint_dir, text_encoder=settings.text_encoder,
+        latent_space=space, **kwargs,
     )
     if settings.compile:
         decoder.compile()

@@ -301,6 +301,14 @@ class DeclaredLatentSpace(LatentSpace):
         self._unpack = getattr(type(pipe), "_unpack_latents", None)
         return self
 
+    def check_source(self) -> None:
+        """Fail now, in one line, when the declared VAE is a local path that does not exist (before any load)."""
+        source = str(self.spec.vae)
+        path = Path(source).expanduser()
+        if _looks_local(source) and not path.exists():
+            raise CheckpointNotFoundError(f"latent space {self.name}: VAE {path} does not exist; give a diffusers "
+                                          "folder, a weight file or a hub repo id as vae=")
+
     def _check_geometry(self) -> None:
         """Declared channels / downsample must be what the autoencoder makes (one line naming both)."""
         if self.spec.normalization == "batchnorm" and getattr(getattr(self.vae, "bn", None), "running_mean", None) is None:
@@ -341,13 +349,19 @@ class DeclaredLatentSpace(LatentSpace):
             return self._vae_channels() * self.spec.patchify**2
         if self.spec.channels is not None:
             return self.spec.channels
-        raise ConfigError(f"latent space {self.name}: channels unknown before the VAE loads; declare channels=")
+        config = peek_vae_config(self.spec)
+        value = (config or {}).get("latent_channels") or (config or {}).get("z_dim")
+        if not isinstance(value, int):
+            raise ConfigError(f"latent space {self.name}: channels unknown before the VAE loads; declare channels=")
+        return value * self.spec.patchify**2
 
     @property
     def downsample(self) -> int:
         if self.vae is not None:
             return self._vae_downsample() * self.spec.patchify
-        return self.spec.downsample or 8 * self.spec.patchify
+        if self.spec.downsample is not None:
+            return self.spec.downsample
+        return _config_downsample(peek_vae_config(self.spec) or {}) * self.spec.patchify
 
     @property
     def size_multiple(self) -> int:
@@ -470,6 +484,70 @@ class DeclaredLatentSpace(LatentSpace):
             return latent / d.reshape(view).to(latent), (sigma.double() / d).to(sigma.dtype)
         d = math.sqrt(float(sigma) ** 2 + 1.0)
         return latent / d, float(sigma) / d
+
+
+def _config_downsample(config: Mapping[str, Any]) -> int:
+    """Spatial compression a diffusers autoencoder config implies (8 when it does not say)."""
+    if config.get("temperal_downsample") is not None:
+        return 2 ** len(config["temperal_downsample"])
+    for key in ("encoder_block_out_channels", "block_out_channels"):
+        if config.get(key):
+            return 2 ** (len(config[key]) - 1)
+    return 8
+
+
+def peek_vae_config(spec: LatentSpaceSpec) -> dict[str, Any] | None:
+    """The declared VAE's config.json without loading weights or downloading (local files and the HF cache)."""
+    if spec.vae is None:
+        return None
+    path = Path(str(spec.vae)).expanduser()
+    candidates: list[Path] = []
+    if spec.vae_config:
+        candidates.append(Path(spec.vae_config).expanduser())
+    elif path.is_file():
+        candidates.append(path.with_name("config.json"))
+    elif path.is_dir():
+        candidates += [path / (spec.subfolder or "") / "config.json", path / "vae" / "config.json"]
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        name = f"{spec.subfolder}/config.json" if spec.subfolder else "config.json"
+        try:
+            found = try_to_load_from_cache(str(spec.vae), name, revision=spec.revision)
+        except Exception:  # noqa: BLE001 - not a valid repo id: nothing cached
+            found = None
+        if isinstance(found, str):
+            candidates.append(Path(found))
+    for candidate in candidates:
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return None
+
+
+def space_net_config(space: LatentSpace, sr_scale: int = 4, base: str = "v1pt5_latent16ch") -> Any:
+    """The PiD network for a latent space: the released v1.5 network (so training starts from the hub's PixelDiT
+    backbone with a fresh adapter) with the space's latent channels and stride, and FLUX.2-style un-patchify for
+    a 2x2-patchified space."""
+    from pid.models.configs import get_net_config
+
+    patchify = getattr(getattr(space, "spec", None), "patchify", 1)
+    return replace(get_net_config(base), name=f"v1pt5_{space.name}", latent_channels=space.channels,
+                   latent_downsample=space.downsample, latent_unpatchify=patchify, sr_scale=sr_scale)
+
+
+def training_backbone(latent_space: Any) -> str | None:
+    """What the trainer stores as its backbone for `latent_space=`: a declaration file's absolute path (so every
+    later `pid.latents.get` of the run finds the same space), a built-in's canonical name, or None when unset."""
+    if latent_space in (None, ""):
+        return None
+    from pid.latents import canonical_name
+
+    text = str(latent_space)
+    if not is_declaration(text):
+        return canonical_name(text)
+    spec_from_reference(text)  # fails now, with one line, when the declaration is bad
+    path = Path(text).expanduser()
+    return str(path.absolute()) if path.is_file() else text
 
 
 def _bn_stats_fp32(vae: Any) -> dict[str, Tensor]:

@@ -1,0 +1,67 @@
+"""Declared latent spaces through the CLIs, as a user types them (issue 18)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from declared_spaces import save_tiny_gemma, write_decoder, write_spaces
+from PIL import Image
+
+from cli_driver import run_module
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("byo_vae")
+    paths = write_spaces(root)
+    paths["decoder"] = write_decoder(root / "sd15_pid.safetensors", 4, paths["sd15"])
+    paths["gemma"] = save_tiny_gemma(root / "gemma")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(root / "photo.png")
+    paths["image"] = root / "photo.png"
+    return paths
+
+
+def test_from_clean_end_to_end_with_only_the_decoder_file(setup, tmp_path):
+    done = run_module("pid.inference.from_clean", f"pid_checkpoint={setup['decoder']}", f"input_path={setup['image']}",
+                      "prompt=a red fox in snow", f"text_encoder={setup['gemma']}", "device=cpu", "pid_steps=1",
+                      "degrade_sigmas=[0,0.3]", f"output_dir={tmp_path}", "plot=false")
+    assert done.returncode == 0, done.stderr[-2000:]
+    [out] = list(tmp_path.iterdir())
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert {(r["decoder"], float(r["sigma"])) for r in rows} == {(d, s) for d in ("vae", "pid") for s in (0.0, 0.3)}
+    assert {r["backbone"] for r in rows} == {"sd15"}
+    # 40x24 is already a multiple of the space's 8 px cell; PiD decodes at 4x
+    assert {r["output_size"] for r in rows if r["decoder"] == "pid"} == {"160x96"}
+    assert {r["output_size"] for r in rows if r["decoder"] == "vae"} == {"40x24"}
+    assert all(0 < float(r["psnr"]) < 100 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backbone"] == "sd15" and summary["ckpt_type"] == "custom"
+
+
+def _common(setup, tmp_path):
+    return [f"input_path={setup['image']}", f"text_encoder={setup['gemma']}", "device=cpu", f"output_dir={tmp_path}"]
+
+
+def test_from_clean_channel_mismatch_is_one_line(setup, tmp_path):
+    common = _common(setup, tmp_path)
+    done = run_module("pid.inference.from_clean", f"pid_checkpoint={setup['decoder']}",
+                      f"latent_space={setup['vae32']}", *common)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "decodes 4-channel latents but latent space vae32 has 32 channels" in lines[0]
+
+
+def test_from_clean_missing_vae_is_one_line(setup, tmp_path):
+    common = _common(setup, tmp_path)
+    missing = tmp_path / "gone.yaml"
+    missing.write_text(f"vae: {tmp_path / 'no_such_vae'}\n")
+    done = run_module("pid.inference.from_clean", f"pid_checkpoint={setup['decoder']}", f"latent_space={missing}",
+                      *common)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "no_such_vae does not exist" in lines[0]
+    assert not any(tmp_path.glob("*/metrics.csv"))
