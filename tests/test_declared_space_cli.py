@@ -65,3 +65,31 @@ def test_from_clean_missing_vae_is_one_line(setup, tmp_path):
     lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "no_such_vae does not exist" in lines[0]
     assert not any(tmp_path.glob("*/metrics.csv"))
+
+
+def test_train_dry_run_for_a_declared_32_channel_space(setup, tmp_path):
+    from train_harness import make_images
+
+    images = make_images(tmp_path / "images")
+    done = run_module("pid.train", f"latent_space={setup['vae32']}", f"data={images}", "resolution=64",
+                      f"output_dir={tmp_path / 'runs'}", "--dry_run")
+    assert done.returncode == 0, done.stderr[-2000:]
+    plan = json.loads(done.stdout)
+    cfg = plan["net_config"]
+    assert (cfg["latent_channels"], cfg["latent_downsample"], cfg["latent_unpatchify"]) == (32, 8, 1)
+    # the released v1.5 backbone (hub PixelDiT weights) with a fresh adapter for this space
+    assert cfg["hidden_size"] == 1536 and cfg["patch_depth"] == 14 and plan["init"]["kind"] == "pixeldit"
+    assert plan["output_dir"] == str(tmp_path / "runs" / "vae32_teacher")
+
+
+def test_train_dry_run_for_a_patchified_declared_space(setup, tmp_path):
+    from train_harness import make_images
+
+    images = make_images(tmp_path / "images")
+    patched = tmp_path / "vae32_p2.yaml"
+    patched.write_text(f"vae: {setup['vae32_folder']}\npatchify: 2\n")
+    # the same VAE 2x2-patchified is FLUX.2's layout: exactly the released FLUX.2 v1.5 network
+    done = run_module("pid.train", f"latent_space={patched}", f"data={images}", "resolution=64",
+                      f"output_dir={tmp_path / 'runs'}", "--dry_run")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["net_config"] == "v1pt5_flux2_latent128ch"
