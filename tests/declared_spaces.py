@@ -46,3 +46,32 @@ def save_tiny_gemma(folder: Path) -> Path:
         tiny_gemma().save_pretrained(folder)
         tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+def tiny_sd15_pipeline(seed: int = 0):
+    """A tiny StableDiffusionPipeline (SD 1.5's class: UNet, one CLIP, 4-channel /8 VAE, Euler scheduler): a
+    diffusers text-to-image pipeline that is none of the ten registered backbones."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from tiny_pipelines import _clip_config, clip_tokenizer
+
+    torch.manual_seed(seed)
+    tok = clip_tokenizer()
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=4,
+    )
+    vae = AutoencoderKL(block_out_channels=[8, 8, 8, 8], down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, norm_num_groups=4,
+                        sample_size=64, scaling_factor=0.18215)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(_clip_config(tok)), tokenizer=tok, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe.to("cpu")

@@ -93,3 +93,84 @@ def test_train_dry_run_for_a_patchified_declared_space(setup, tmp_path):
                       f"output_dir={tmp_path / 'runs'}", "--dry_run")
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["net_config"] == "v1pt5_flux2_latent128ch"
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory, setup):
+    """A tiny StableDiffusionPipeline saved as a folder, its declared space and a decoder file carrying it."""
+    from declared_spaces import tiny_sd15_pipeline
+
+    root = tmp_path_factory.mktemp("sd15_pipe")
+    pipe = tiny_sd15_pipeline()
+    pipe.save_pretrained(root / "pipe")
+    (root / "sd15.yaml").write_text(f"vae: {root / 'pipe'}\nnoise_form: vp\n")
+    return {"pipe": pipe, "folder": root / "pipe", "decoder": write_decoder(root / "pid.safetensors", 4,
+                                                                            root / "sd15.yaml")}
+
+
+def test_attach_any_pipeline_with_a_decoder_that_carries_its_space(sd15):
+    import pid
+
+    from tiny import tiny_caption_encoder
+
+    pipe = sd15["pipe"]
+    pid_pipe = pid.attach(pipe, pid_checkpoint=str(sd15["decoder"]), text_encoder=tiny_caption_encoder(),
+                          device="cpu", pid_steps=1)
+    assert pid_pipe.backbone == "sd15" and pid_pipe.space.vae is pipe.vae  # the pipeline's own VAE
+    out = pid_pipe("a cat", height=32, width=32, num_inference_steps=3, output_type="pt", pid_stop_at=2)
+    assert out.images.shape == (1, 3, 128, 128)
+    [report] = out.pid_report
+    assert report.step == "02xt" and report.denoiser_steps_run == 2 and 0 < report.sigma < 1
+    # the same latent decoded by hand: Euler (VE) frame -> VP frame, as SDXL
+    sigma_ve = float(pipe.scheduler.sigmas[2])
+    assert report.sigma == pytest.approx(sigma_ve / (sigma_ve**2 + 1) ** 0.5)
+    # a registered backbone's decoder on this pipeline is refused in one line
+    from tiny import tiny_decoder
+
+    with pytest.raises(Exception, match="StableDiffusionPipeline"):
+        pid.attach(pipe, tiny_decoder("sdxl", "2kto4k"))
+
+
+def test_from_ldm_plan_for_an_unregistered_pipeline(setup, sd15, tmp_path):
+    from pid.errors import ConfigError
+    from pid.inference.from_ldm import load_config, plan_run
+
+    args = [f"pid_checkpoint={sd15['decoder']}", "prompt=a cat", "resolution=128", f"output_dir={tmp_path}"]
+    plan = plan_run(load_config([*args, f"model_id={sd15['folder']}"]))
+    assert plan.backbone == "sd15" and plan.kind == "diffusers" and plan.ldm_size == (32, 32)
+    assert plan.pipeline.pipeline_class.endswith("StableDiffusionPipeline") and plan.ldm_steps == 50
+    assert plan.identity["latent_space"]["noise_form"] == "vp"
+    with pytest.raises(ConfigError, match="give model_id="):
+        plan_run(load_config(args))
+    with pytest.raises(ConfigError, match="pipeline_class= is for declared latent spaces"):
+        plan_run(load_config(["backbone=flux", "prompt=x", "pipeline_class=StableDiffusionPipeline"]))
+
+
+@pytest.mark.slow
+def test_from_ldm_with_an_unregistered_pipeline_folder(setup, sd15, tmp_path):
+    done = run_module("pid.inference.from_ldm", f"pid_checkpoint={sd15['decoder']}", f"model_id={sd15['folder']}",
+                      "prompt=a cat", f"text_encoder={setup['gemma']}", "device=cpu", "dtype=fp32", "resolution=128",
+                      "ldm_steps=3", "save_xt_steps=2", "pid_steps=1", f"output_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    [out] = list(tmp_path.iterdir())
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["backbone"]) for r in rows] == [("02xt", "sd15"), ("x0", "sd15")]
+    assert rows[0]["sigma"] > 0 and rows[1]["sigma"] == 0
+    for row in rows:
+        assert Image.open(out / row["pid"]).size == (128, 128) and Image.open(out / row["vae"]).size == (32, 32)
+
+
+def test_packed_pipeline_latents_use_the_pipelines_unpack_helper():
+    import torch
+
+    import pid.latents
+
+    from tiny_pipelines import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline("flux")
+    declared = pid.latents.declare(vae="unused/placeholder", name="myflux").from_pipeline(pipe)
+    builtin = pid.latents.get("flux").from_pipeline(pipe)
+    packed = torch.randn(1, (32 // 2) * (48 // 2), 4, generator=torch.Generator().manual_seed(0))
+    grid = declared.from_pipeline_latent(packed, 32, 48)
+    assert grid.shape == (1, 1, 32, 48)
+    torch.testing.assert_close(grid, builtin.from_pipeline_latent(packed, 32, 48))
