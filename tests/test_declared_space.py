@@ -137,3 +137,19 @@ def test_metadata_round_trip(spaces):
     assert entries["pid.latent_space"] == "vae32" and json.loads(entries[SPACE_SPEC_KEY])["channels"] == 32
     assert space_from_metadata(entries).spec == pid.latents.get(str(spaces["vae32"])).spec
     assert space_metadata("zimage-turbo") == {"pid.latent_space": "flux"}  # built-ins: the family name only
+    # what pid.train.export writes for a run whose backbone is a declaration file (plan.py's latent_space=)
+    assert space_metadata(str(spaces["vae32"])) == entries
+
+
+def test_models_never_import_checkpoints():
+    """pid.checkpoints imports the network config from pid.models.configs; the other direction would be a cycle."""
+    import ast
+    from pathlib import Path
+
+    import pid.models
+
+    for path in Path(pid.models.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            assert not any(n.startswith(("pid.checkpoints", "pid.latents", "pid.decoder")) for n in names), path
