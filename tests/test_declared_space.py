@@ -51,6 +51,10 @@ def test_32ch_by_options_per_channel_mean_std(spaces):
     # the same VAE, declared by a JSON file, with explicit numbers instead of the config's
     by_file = pid.latents.get(str(spaces["vae32"])).load(device="cpu")
     torch.testing.assert_close(by_file.encode(_images()), z)
+    # declared statistics: exactly (z - mean) / std (the config's default scaling_factor is not applied)
+    stats = pid.latents.declare(vae=str(spaces["vae32_folder"]), latents_mean=[0.5] * 32,
+                                latents_std=[2.0] * 32).load(device="cpu")
+    torch.testing.assert_close(stats.encode(_images()), (raw - 0.5) / 2.0)
     explicit = pid.latents.declare(vae=str(spaces["vae32_folder"]), normalization="affine", scaling_factor=2.0,
                                    shift_factor=0.5).load(device="cpu")
     torch.testing.assert_close(explicit.encode(_images()), (raw - 0.5) * 2.0)

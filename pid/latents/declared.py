@@ -398,13 +398,17 @@ class DeclaredLatentSpace(LatentSpace):
             shift = shift if shift is not None else self._config_value("shift_factor")
             mean, std = torch.tensor([float(shift or 0.0)]), torch.tensor([1.0 / self._scale(1.0)])
         elif mode == "mean_std":
-            mean_v = self.spec.latents_mean or self._config_value("latents_mean")
-            std_v = self.spec.latents_std or self._config_value("latents_std")
+            declared = self.spec.latents_mean is not None
+            mean_v = self.spec.latents_mean if declared else self._config_value("latents_mean")
+            std_v = self.spec.latents_std if declared else self._config_value("latents_std")
             if mean_v is None or std_v is None:
                 raise ConfigError(f"latent space {self.name}: normalization mean_std needs latents_mean/latents_std "
                                   "(declared, or in the VAE config)")
+            # diffusers' convention for a VAE that ships its statistics: the config's scaling_factor on top;
+            # declared statistics take only a declared scaling_factor
+            scale = self._scale(1.0) if not declared else (self.spec.scaling_factor or 1.0)
             mean = torch.tensor([float(x) for x in mean_v])
-            std = torch.tensor([float(x) for x in std_v]) / self._scale(1.0)
+            std = torch.tensor([float(x) for x in std_v]) / scale
         else:  # batchnorm
             bn = self._require_vae(f"{self.name} batchnorm normalisation").bn
             eps = self.spec.batchnorm_eps or getattr(bn, "eps", None) or _BN_EPS
