@@ -157,3 +157,29 @@ def test_models_never_import_checkpoints():
             names = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
                 [a.name for a in node.names] if isinstance(node, ast.Import) else [])
             assert not any(n.startswith(("pid.checkpoints", "pid.latents", "pid.decoder")) for n in names), path
+
+
+def test_trainer_run_for_a_declared_space_exports_a_decoder_that_knows_it(tmp_path):
+    """latent_space= reaches the run (plan.py hook) and pid.train.export writes the declaration beside the net."""
+    from safetensors import safe_open
+
+    from pid.train.export import export
+
+    from tiny_vaes import tiny_autoencoder_kl
+    from train_harness import make_images, make_init, train
+
+    tiny_autoencoder_kl(16, seed=3, scaling_factor=0.5, shift_factor=0.2).save_pretrained(tmp_path / "vae16")
+    declaration = tmp_path / "my16.yaml"
+    declaration.write_text("vae: vae16\nchannels: 16\n")
+    make_images(tmp_path / "images")
+    make_init(tmp_path / "init.pth")
+    assert train(tmp_path, f"latent_space={declaration}", "steps=1", "ckpt_every=1") == 0
+    exported = export(tmp_path / "runs" / "my16_teacher", tmp_path / "my16_pid.safetensors")
+    with safe_open(str(exported), framework="pt") as handle:
+        meta = handle.metadata()
+    assert meta["pid.latent_space"] == "my16" and json.loads(meta["pid.latent_space.spec"])["channels"] == 16
+    decoder = PiDDecoder.from_pretrained(checkpoint=exported, device="cpu", text_encoder=tiny_caption_encoder())
+    assert decoder.record.backbone == "my16" and decoder.record.sampler == "undistilled"  # a teacher
+    space = decoder.latent_space.load(device="cpu")
+    raw = space._encode_raw(_images())
+    torch.testing.assert_close(space.encode(_images()), (raw - 0.2) * 0.5)

@@ -529,7 +529,8 @@ def _declared_record(settings: Settings, space: Any) -> Any:
     config = _embedded_config(read_checkpoint_metadata(path).get(NET_CONFIG_KEY), path)
     if config is not None:
         check_space_fits(config.latent_channels, space, path)
-    return custom_record(space.name, config, path)
+    sampler = "undistilled" if settings.get("pid_ckpt_type") == "undistilled" else None
+    return custom_record(space.name, config, path, sampler)
 
 
 def resolve_decoder(settings: Settings, space: Any = None) -> tuple[Any, int]:

@@ -695,12 +695,26 @@ def check_space_fits(decoder_channels: int, space: LatentSpace, source: Any = "t
                           f"{channels} channels; use a decoder trained for {space.name}")
 
 
-def custom_record(name: str, config: Any, path: str | Path | None) -> Any:
-    """The checkpoint record of a decoder for a declared space (no hub folder; sampler from the file)."""
-    from pid.checkpoints import CheckpointRecord
+# The sampler of a v1.5 undistilled decoder: DPM-Solver++ on the released v1.5 shifted grid.
+_UNDISTILLED_SHIFT = (6.0, 2048)
+
+
+def custom_record(name: str, config: Any, path: str | Path | None, sampler: str | None = None) -> Any:
+    """The checkpoint record of a decoder for a declared space (no hub folder). Its sampler: `sampler`, else the
+    file's `pid.sampler` entry, else undistilled for a teacher run's export (`pid.train.mode` teacher), else
+    distilled."""
+    from pid.checkpoints import CheckpointRecord, read_checkpoint_metadata
     from pid.models.configs import released_name
 
     net_config = "custom" if config is None else (released_name(config) or config.name)
     scale = 4 if config is None else int(config.sr_scale)
     folder = Path(path).parent.name if path is not None else ""
-    return CheckpointRecord(name, "custom", folder, net_config, scale, name)
+    if sampler is None and path is not None and Path(path).is_file():
+        metadata = read_checkpoint_metadata(path)
+        sampler = metadata.get("pid.sampler") or ("undistilled" if metadata.get("pid.train.mode") == "teacher"
+                                                  else None)
+    sampler = sampler or "distilled"
+    if sampler not in ("distilled", "undistilled"):
+        raise ConfigError(f"{path}: unknown sampler {sampler!r} (distilled or undistilled)")
+    shift = _UNDISTILLED_SHIFT if sampler == "undistilled" else None
+    return CheckpointRecord(name, "custom", folder, net_config, scale, name, sampler=sampler, dynamic_shift=shift)
