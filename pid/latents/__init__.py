@@ -15,14 +15,7 @@ from typing import Any
 
 from pid.errors import ConfigError
 from pid.latents.base import AffineLatentSpace, LatentSpace
-from pid.latents.declared import (
-    DeclaredLatentSpace,
-    LatentSpaceSpec,
-    build_space,
-    declare,
-    is_declaration,
-    spec_from_reference,
-)
+from pid.latents.declared import DeclaredLatentSpace, build_space, declare
 from pid.latents.flux import FluxLatentSpace
 from pid.latents.flux2 import Flux2LatentSpace
 from pid.latents.qwenimage import QwenImageLatentSpace
@@ -30,6 +23,7 @@ from pid.latents.rae import DinoV2LatentSpace
 from pid.latents.scale_rae import SigLIPLatentSpace
 from pid.latents.sd3 import SD3LatentSpace
 from pid.latents.sdxl import SDXLLatentSpace
+from pid.latents.spec import LatentSpaceSpec, is_declaration, spec_from_reference
 
 __all__ = [
     "AffineLatentSpace",
