@@ -4,7 +4,7 @@
     space = pid.latents.resolve("my_space.yaml")          # the same fields in a YAML / JSON file
     space = pid.latents.resolve("my_pkg.spaces:MySpace")  # a LatentSpace subclass, for spaces that need code
 
-A declaration (`LatentSpaceSpec`) names the autoencoder (a hub repo id with `subfolder` / `revision`, a local
+A declaration (`LatentSpaceSpec`, pid/latents/spec.py) names the autoencoder (a hub repo id with `subfolder` / `revision`, a local
 diffusers folder, or a single weight file with its `config.json`), how its raw latent becomes the normalised
 latent PiD reads, and its geometry:
 
