@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pid.errors import CheckpointNotFoundError, ConfigError, InputError
+from pid.errors import CheckpointNotFoundError, ConfigError, InputError, PiDError
 from pid.latents.base import (
     LatentSpace,
     default_device,
@@ -521,7 +521,10 @@ def declared_space_of(
         return None, space.backbone  # a built-in family named through latent_space=
     metadata: dict[str, str] = {}
     if checkpoint is not None and Path(checkpoint).expanduser().is_file():
-        metadata = read_checkpoint_metadata(Path(checkpoint).expanduser())
+        try:
+            metadata = read_checkpoint_metadata(Path(checkpoint).expanduser())
+        except PiDError:
+            metadata = {}  # an unreadable file: loading it says why, in its own words
     carried = space_from_metadata(metadata, str(checkpoint))
     if space is None and carried is not None:
         if backbone is not None:
