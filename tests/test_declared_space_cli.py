@@ -82,17 +82,21 @@ def test_train_dry_run_for_a_declared_32_channel_space(setup, tmp_path):
     assert plan["output_dir"] == str(tmp_path / "runs" / "vae32_teacher")
 
 
-def test_train_dry_run_for_a_patchified_declared_space(setup, tmp_path):
+def test_train_plan_for_a_patchified_declared_space(setup, tmp_path):
+    from pid.inference.cli import parse_command
+    from pid.train.__main__ import TRAIN
+    from pid.train.plan import plan_run
+
     from train_harness import make_images
 
     images = make_images(tmp_path / "images")
     patched = tmp_path / "vae32_p2.yaml"
     patched.write_text(f"vae: {setup['vae32_folder']}\npatchify: 2\n")
+    plan = plan_run(parse_command(TRAIN, [f"latent_space={patched}", f"data={images}", "resolution=64",
+                                          f"output_dir={tmp_path / 'runs'}"]).settings)
     # the same VAE 2x2-patchified is FLUX.2's layout: exactly the released FLUX.2 v1.5 network
-    done = run_module("pid.train", f"latent_space={patched}", f"data={images}", "resolution=64",
-                      f"output_dir={tmp_path / 'runs'}", "--dry_run")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout)["net_config"] == "v1pt5_flux2_latent128ch"
+    assert plan.describe()["net_config"] == "v1pt5_flux2_latent128ch"
+    assert plan.backbone == str(patched) and plan.run_dir.name == "vae32_p2_teacher"
 
 
 @pytest.fixture(scope="module")
