@@ -144,6 +144,10 @@ def test_from_ldm_plan_for_an_unregistered_pipeline(setup, sd15, tmp_path):
     assert plan.backbone == "sd15" and plan.kind == "diffusers" and plan.ldm_size == (32, 32)
     assert plan.pipeline.pipeline_class.endswith("StableDiffusionPipeline") and plan.ldm_steps == 50
     assert plan.identity["latent_space"]["noise_form"] == "vp"
+    # the space as inline JSON options instead of the file the decoder carries
+    inline = json.dumps({"name": "sd15", "vae": str(sd15["folder"]), "noise_form": "flow"})
+    plan = plan_run(load_config([*args, f"model_id={sd15['folder']}", f"latent_space={inline}"]))
+    assert plan.identity["latent_space"] == {"name": "sd15", "vae": str(sd15["folder"])}
     with pytest.raises(ConfigError, match="give model_id="):
         plan_run(load_config(args))
     with pytest.raises(ConfigError, match="pipeline_class= is for declared latent spaces"):
