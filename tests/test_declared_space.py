@@ -183,3 +183,19 @@ def test_trainer_run_for_a_declared_space_exports_a_decoder_that_knows_it(tmp_pa
     space = decoder.latent_space.load(device="cpu")
     raw = space._encode_raw(_images())
     torch.testing.assert_close(space.encode(_images()), (raw - 0.2) * 0.5)
+
+
+def test_video_vae_declared_matches_the_qwenimage_family(tmp_path):
+    """A Wan-style 3-D VAE (AutoencoderKLQwenImage) declared from its folder: the time axis is handled and the
+    config's per-channel statistics give the built-in Qwen-Image normalisation."""
+    from tiny_vaes import tiny_qwen_vae
+
+    vae = tiny_qwen_vae()
+    vae.save_pretrained(tmp_path / "qwen_vae")
+    declared = pid.latents.declare(vae=str(tmp_path / "qwen_vae"), name="myqwen").load(device="cpu")
+    assert type(declared.vae).__name__ == "AutoencoderKLQwenImage" and declared.downsample == 8
+    builtin = pid.latents.get("qwenimage").attach(vae)
+    images = _images()
+    torch.testing.assert_close(declared.encode(images), builtin.encode(images), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(declared.decode(declared.encode(images)), builtin.decode(builtin.encode(images)),
+                               atol=1e-4, rtol=1e-4)
