@@ -535,6 +535,29 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], PiDNetC
     return dict(data), config
 
 
+def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The text entries a decoder file carries beside its tensors (safetensors metadata, read from the header
+    only; for a `.pth`, its top-level string entries): network config, backbone, latent space, ..."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return dict(handle.metadata() or {})
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointMismatchError(f"{path} is not a readable safetensors file ({exc})") from None
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"checkpoint file {path} does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - read_checkpoint reports unreadable files with the full reason
+        return {}
+    if not isinstance(data, Mapping):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+
+
 def _embedded_config(value: object, path: Path) -> PiDNetConfig | None:
     if value is None:
         return None

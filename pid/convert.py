@@ -18,6 +18,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from loguru import logger
@@ -59,6 +60,7 @@ def convert(
     dst: str | os.PathLike | None = None,
     overwrite: bool = False,
     net_config: PiDNetConfig | str | None = None,
+    latent_space: Any = None,
 ) -> Path:
     """Convert `src` (.pth or .safetensors) to `dst` (default: same name, .safetensors; a `.pth` dst
     writes a weights-only-loadable `.pth`). Returns the output path.
@@ -66,6 +68,9 @@ def convert(
     net_config: the network the weights belong to (a PiDNetConfig, a released name or JSON); default:
     the config `src` already carries, else the released config detected from the tensor shapes.
     The weights are checked against it; a file matching no released network needs one.
+    latent_space: a declared latent space (YAML / JSON file, mapping or object, see `pid.latents.resolve`) the
+    decoder reads; written beside the network config, so loaders pick its VAE and normalisation. Its channels
+    must be the network's.
     """
     from safetensors.torch import save_file
 
@@ -90,6 +95,14 @@ def convert(
             )
         cfg = get_net_config(detected)
     check_network_fits(bare, cfg, src, cfg.name)
+    space_entries: dict[str, str] = {}
+    if latent_space is not None:
+        from pid.latents import resolve
+        from pid.latents.declared import check_space_fits, space_metadata
+
+        space = resolve(latent_space)
+        check_space_fits(cfg.latent_channels, space, src)
+        space_entries = space_metadata(space)
     name = released_name(cfg)
     config_value: str | dict = name if name is not None else net_config_to_dict(cfg)
 
@@ -101,11 +114,12 @@ def convert(
                 "format": "pt",
                 "source": src.name,
                 NET_CONFIG_KEY: config_value if isinstance(config_value, str) else json.dumps(config_value),
+                **space_entries,
             }
             save_file(payload, str(tmp), metadata=metadata)
         else:
             # A plain dict of str/int/float/bool next to the tensors: torch.load(weights_only=True) reads it.
-            torch.save({"state_dict": payload, NET_CONFIG_KEY: config_value}, tmp)
+            torch.save({"state_dict": payload, NET_CONFIG_KEY: config_value, **space_entries}, tmp)
     logger.info("wrote {} ({} tensors, network: {})", dst, len(payload), name or "custom config")
     return dst
 
@@ -121,10 +135,16 @@ def main(argv: list[str] | None = None) -> int:
         help="network of the weights: a released config name (e.g. v1_latent16ch) or a JSON file of "
         "PiDNetConfig fields (may hold \"base\": <released name>); default: the detected released one",
     )
+    parser.add_argument(
+        "--latent-space",
+        metavar="YAML_OR_JSON_FILE",
+        help="the declared latent space the decoder reads (docs/latents.md, Bring your own VAE); stored with the "
+        "weights so from_clean / from_ldm / pid.attach need no more flags",
+    )
     args = parser.parse_args(argv)
     logger.enable("pid")  # pid is silent as a library (pid/__init__.py); a command shows its progress
     try:
-        convert(args.src, args.dst, args.overwrite, args.net_config)
+        convert(args.src, args.dst, args.overwrite, args.net_config, args.latent_space)
     except PiDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from loguru import logger
@@ -77,6 +78,7 @@ class PiDDecoder:
         self._compiled: dict[tuple[int, int], torch.nn.Module] = {}
         self.compile_mode: str | None = None
         self._compile_backend = "inductor"
+        self.latent_space: Any = None  # a declared latent space the decoder's file carried (not loaded)
 
     # ------------------------------------------------------------------------------------------
     # Construction
@@ -85,7 +87,7 @@ class PiDDecoder:
     @classmethod
     def from_pretrained(
         cls,
-        backbone: str,
+        backbone: str | None = None,
         ckpt_type: str | None = "2k",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -95,6 +97,7 @@ class PiDDecoder:
         download: bool = True,
         revision: str | None = None,
         text_encoder_revision: str | None = None,
+        latent_space: Any = None,
     ) -> PiDDecoder:
         """Build the released decoder for (backbone, ckpt_type) and load its weights strictly.
 
@@ -104,21 +107,43 @@ class PiDDecoder:
         default `Efficient-Large-Model/gemma-2-2b-it`.
         A weight file that carries its own network config (`pid.checkpoints.NET_CONFIG_KEY`, e.g. a
         fine-tuned decoder of another size) is built with it, provided it reads this backbone's latents.
+        A weight file that carries a declared latent space (`pid.latents.declared.SPACE_SPEC_KEY`) needs no
+        backbone: `from_pretrained(checkpoint="my_decoder.safetensors")`; so does one made for a built-in
+        backbone by `python -m pid.train.export`. `latent_space`: a declared space (file, mapping, spec or
+        object, see `pid.latents.resolve`) for a file that does not carry one. The decoder's `latent_space` is
+        then that space (no weights loaded).
         revision: branch, tag or commit of nvidia/PiD for downloads; text_encoder_revision: the same
         for the Gemma-2 repo.
         """
-        if ckpt_type == "2k" and "2k" not in ckpt_types(backbone):
-            ckpt_type = None
-        record = lookup(backbone, ckpt_type)
+        from pid.latents.declared import check_space_fits, custom_record, declared_space_of
+
         device = torch.device(device) if device is not None else default_device()
-        path = resolve_checkpoint(record, checkpoint, checkpoint_dir, download, revision=revision)
+        space, carried_backbone = declared_space_of(checkpoint, backbone, latent_space)
+        if space is not None:
+            if checkpoint is None:
+                raise ConfigError(f"latent space {space.name} has no released decoder; give checkpoint=<decoder file>")
+            path = resolve_checkpoint(custom_record(space.name, None, checkpoint), checkpoint)
+            config, state = load_network_weights(path)
+            record = custom_record(space.name, config, path)
+            check_space_fits(config.latent_channels, space, path)
+        else:
+            backbone = backbone or carried_backbone
+            if backbone is None:
+                raise ConfigError("name the backbone (e.g. from_pretrained('flux')), or give a checkpoint= file that "
+                                  "carries its latent space")
+            if ckpt_type == "2k" and "2k" not in ckpt_types(backbone):
+                ckpt_type = None
+            record = lookup(backbone, ckpt_type)
+            path = resolve_checkpoint(record, checkpoint, checkpoint_dir, download, revision=revision)
+            config, state = load_network_weights(path, record)
         logger.info("loading PiD {}/{} from {}", record.backbone, record.ckpt_type, path)
-        config, state = load_network_weights(path, record)
         net = build_pid_net(config, device=device, dtype=dtype or torch.float32, state_dict=state)
         if not isinstance(text_encoder, CaptionEncoder):
             kwargs = {"name_or_path": text_encoder} if text_encoder else {}
             text_encoder = CaptionEncoder.from_pretrained(device=device, revision=text_encoder_revision, **kwargs)
-        return cls(net, record, text_encoder)
+        decoder = cls(net, record, text_encoder)
+        decoder.latent_space = space
+        return decoder
 
     # ------------------------------------------------------------------------------------------
     # Properties

@@ -192,6 +192,7 @@ def attach(
     checkpoint_dir: str | None = None,
     text_encoder: Any = None,
     ldm_defaults: bool = True,
+    latent_space: Any = None,
     **pid_options: Any,
 ) -> PiDPipeline:
     """Wrap a diffusers pipeline so its images are decoded by PiD (see the module docstring).
@@ -199,22 +200,37 @@ def attach(
     decoder: a `PiDDecoder` to use (one can serve several pipelines of the same latent space); else the released
     decoder for the detected backbone and `ckpt_type` is loaded (`PiDDecoder.from_pretrained`, with `device`
     default the pipeline's, `dtype`, `checkpoint`, `checkpoint_dir`, `text_encoder`). backbone: override the
-    detection. pid_options: defaults of the `pid_*` call options.
+    detection. pid_options: defaults of the `pid_*` call options; `pid_checkpoint=` is `checkpoint=`.
+
+    Any diffusers text-to-image pipeline works with a decoder for a declared latent space (docs/latents.md):
+    `attach(pipe, pid_checkpoint="my_decoder.safetensors")` when the file carries its space, or
+    `latent_space=` (a declaration file, mapping or object); the pipeline's own VAE is used.
     """
-    name = detect_backbone(pipe, backbone)
+    from pid.latents.declared import declared_space_of
+
+    checkpoint = pid_options.pop("pid_checkpoint", checkpoint)
+    space = getattr(decoder, "latent_space", None) if latent_space is None else None
+    if space is None:
+        space, _ = declared_space_of(checkpoint, None, latent_space)
+    if space is None:
+        name = detect_backbone(pipe, backbone)
+    else:
+        name = space.name
     if decoder is None:
         from pid.decoder import PiDDecoder
 
         decoder = PiDDecoder.from_pretrained(
-            name,
+            None if space is not None else name,
             ckpt_type,
             device=device if device is not None else _pipeline_device(pipe),
             dtype=dtype,
             checkpoint=checkpoint,
             checkpoint_dir=checkpoint_dir,
             text_encoder=text_encoder,
+            latent_space=space,
         )
-    return PiDPipeline(pipe, decoder, name, options=DecodeOptions().updated(pid_options), ldm_defaults=ldm_defaults)
+    return PiDPipeline(pipe, decoder, name, options=DecodeOptions().updated(pid_options), ldm_defaults=ldm_defaults,
+                       space=space)
 
 
 class PiDPipeline:
@@ -232,15 +248,18 @@ class PiDPipeline:
         *,
         options: DecodeOptions | None = None,
         ldm_defaults: bool = True,
+        space: Any = None,
     ) -> None:
-        from pid.inference.pipelines import get_pipeline_spec
+        from pid.inference.pipelines import custom_pipeline_spec, get_pipeline_spec
         from pid.latents import get as get_latent_space
 
         self.pipe = pipe
         self.decoder = decoder
         self.backbone = backbone
-        self.spec = get_pipeline_spec(backbone)
-        self.space = get_latent_space(backbone).from_pipeline(pipe)  # the pipeline's own VAE, no second copy
+        self.declared = space is not None  # a declared latent space: any pipeline class whose VAE makes it
+        self.spec = custom_pipeline_spec(backbone, type(pipe)) if self.declared else get_pipeline_spec(backbone)
+        space = space if self.declared else get_latent_space(backbone)
+        self.space = space.from_pipeline(pipe)  # the pipeline's own VAE, no second copy
         self.options = options or DecodeOptions()
         self.ldm_defaults = ldm_defaults
         self.last_report: list[ImageReport] = []
@@ -255,7 +274,11 @@ class PiDPipeline:
         from pid.latents import get as get_latent_space
 
         record = getattr(self.decoder, "record", None)
-        if record is not None and get_latent_space(record.backbone).name != self.space.name:
+        if record is not None and self.declared != (record.ckpt_type == "custom"):
+            made = f"the declared latent space {record.backbone}" if record.ckpt_type == "custom" else record.backbone
+            raise ConfigError(f"the PiD decoder is made for {made}, but {type(self.pipe).__name__} was attached as "
+                              f"{self.backbone}; attach the decoder made for this pipeline's VAE")
+        if record is not None and not self.declared and get_latent_space(record.backbone).name != self.space.name:
             raise ConfigError(
                 f"the {record.backbone} PiD decoder reads {get_latent_space(record.backbone).name} latents, but "
                 f"{type(self.pipe).__name__} makes {self.space.name} latents; attach a {self.backbone} decoder"
@@ -349,7 +372,11 @@ class PiDPipeline:
             for index in range(batch)
         ]
         self._log(capture, counter, ldm_seconds, sum(pid_seconds), batch)
-        result = type(out)(images=_convert(torch.cat(images), output_type))
+        converted = _convert(torch.cat(images), output_type)
+        try:
+            result = type(out)(images=converted)
+        except TypeError:  # an output with more fields (StableDiffusionPipelineOutput's nsfw_content_detected)
+            result = replace(out, images=converted)
         result.pid_report = list(self.last_report)
         return result if return_dict else (result.images,)
 

@@ -157,6 +157,8 @@ def latent_space_files(backbone: str, checkpoint_dir: str | None, offline: bool)
     from pid.latents.rae import DINOV2_REPO
     from pid.latents.scale_rae import SIGLIP_REPO
 
+    if backbone not in pid.latents.names():
+        return []  # a declared space: its VAE is the user's (a hub id, folder or file), loaded as given
     space = pid.latents.get(backbone)
     rows = []
     for attr in ("hub_file", "decoder_config_file", "decoder_file", "stats_file"):

@@ -501,16 +501,49 @@ def chunk_setting(settings: Settings) -> int | str | None:
     return None if value in (None, 0) else value
 
 
-def resolve_decoder(settings: Settings) -> tuple[Any, int]:
+def declared_space(settings: Settings) -> Any:
+    """The run's declared latent space (`latent_space=`, else the one `pid_checkpoint` carries), not loaded; None
+    for a built-in backbone's."""
+    from pid.latents.declared import declared_space_of
+
+    checkpoint = settings.get("pid_checkpoint")
+    if checkpoint and not Path(checkpoint).expanduser().is_file():
+        return None if settings.get("latent_space") is None else declared_space_of(None, None,
+                                                                                   settings.latent_space)[0]
+    space = declared_space_of(checkpoint, None, settings.get("latent_space"))[0]
+    if space is not None and hasattr(space, "check_source"):
+        space.check_source()
+    return space
+
+
+def _declared_record(settings: Settings, space: Any) -> Any:
+    """The record of `pid_checkpoint`, a decoder for the declared `space` (network config from its metadata)."""
+    from pid.checkpoints import NET_CONFIG_KEY, _embedded_config, read_checkpoint_metadata
+    from pid.latents.declared import check_space_fits, custom_record
+
+    if not settings.get("pid_checkpoint"):
+        raise ConfigError(f"latent space {space.name} has no released decoder; give pid_checkpoint=<decoder file>")
+    path = Path(settings.pid_checkpoint).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"pid_checkpoint {path} does not exist")
+    config = _embedded_config(read_checkpoint_metadata(path).get(NET_CONFIG_KEY), path)
+    if config is not None:
+        check_space_fits(config.latent_channels, space, path)
+    sampler = "undistilled" if settings.get("pid_ckpt_type") == "undistilled" else None
+    return custom_record(space.name, config, path, sampler)
+
+
+def resolve_decoder(settings: Settings, space: Any = None) -> tuple[Any, int]:
     """(checkpoint record, scale): the backbone's default decoder type unless `pid_ckpt_type` names one (a type
     the backbone lacks is a one-line error listing the valid ones); the scale from the record unless `scale`
-    overrides it. Says once when a newer decoder exists for the backbone."""
+    overrides it. Says once when a newer decoder exists for the backbone. With a declared latent `space`, the
+    record of `pid_checkpoint`, made for it."""
     from loguru import logger
 
     from pid.checkpoints import lookup
 
     ckpt_type = None if settings.pid_ckpt_type is None else str(settings.pid_ckpt_type)
-    record = lookup(settings.backbone.name, ckpt_type)
+    record = _declared_record(settings, space) if space is not None else lookup(settings.backbone.name, ckpt_type)
     warn_unused_sampler_knobs(settings, record)
     if settings.scale is not None and int(settings.scale) < 1:
         raise ConfigError(f"scale must be a positive integer (the {record.ckpt_type} decoder's is {record.scale}), "

@@ -38,6 +38,7 @@ from pid.inference.cli import (
     check_output_dir,
     check_pid_steps,
     chunk_setting,
+    declared_space,
     parse_command,
     plan_or_run,
     resolve_decoder,
@@ -103,6 +104,7 @@ class CleanPlan:
     pid_steps: int
     out_dir: Path
     identity: dict[str, Any] = field(default_factory=dict)
+    space: Any = None  # a declared latent space (not loaded); None for the backbone's built-in one
 
     @property
     def ckpt_type(self) -> str:
@@ -130,11 +132,12 @@ def _sample_from(index: int, entry: ManifestEntry, fallback_prompt: str | None) 
 
 def plan_run(settings: Settings) -> CleanPlan:
     """Validate the settings and resolve every default; raises one-line ConfigError / InputError."""
-    backbone = settings.backbone.name
+    space = declared_space(settings)
+    backbone = space.name if space is not None else settings.backbone.name
     validate.check_device(settings.get("device"))
     validate.check_decode_settings(settings)
     validate.check_text_encoder(settings.get("text_encoder"))
-    record, scale = resolve_decoder(settings)
+    record, scale = resolve_decoder(settings, space)
     sigmas = sorted({float(s) for s in (settings.degrade_sigmas if settings.degrade_sigmas is not None else [0.0])})
     bad = [s for s in sigmas if not 0.0 <= s <= 1.0 or math.isnan(s)]
     if bad or not sigmas:
@@ -163,6 +166,8 @@ def plan_run(settings: Settings) -> CleanPlan:
     decoder = runs.decoder_identity(settings, record, checkpoint, scale, None, pid_steps, None)
     identity = {"backbone": backbone, "decoder": decoder, "vae_dtype": settings.get("dtype"),
                 "max_side": settings.max_side, "save_format": settings.save_format}
+    if space is not None:  # the declared VAE and normalisation decide the pixels too
+        identity["latent_space"] = space.spec.to_dict()
     ignored = set(unused_sampler_knobs(settings, record))
     tag = runs.run_tag(
         backbone, checkpoint, pid_steps=pid_steps,
@@ -171,7 +176,7 @@ def plan_run(settings: Settings) -> CleanPlan:
     ) + f"_x{scale}_seed{int(settings.seed)}"
     out_dir = Path(settings.output_dir).expanduser() / tag
     validate.check_writable_folder(out_dir, "run folder")
-    return CleanPlan(backbone, record, checkpoint, scale, sigmas, samples, pid_steps, out_dir, identity)
+    return CleanPlan(backbone, record, checkpoint, scale, sigmas, samples, pid_steps, out_dir, identity, space)
 
 
 def _paths(plan: CleanPlan, sample: Sample, sigma: float, fmt: str) -> dict[str, Path]:
@@ -231,12 +236,15 @@ def run(settings: Settings, decoder: Any = None, latent_space: Any = None,
                 kwargs["dtype"] = DTYPES[settings.dtype]
             if settings.get("pid_revision"):
                 kwargs["revision"] = settings.pid_revision
-            latent_space = get_latent_space(plan.backbone).load(**kwargs)
+            latent_space = (plan.space if plan.space is not None else get_latent_space(plan.backbone)).load(**kwargs)
         if decoder is None:
             from pid.inference.from_ldm import build_decoder
 
             runs.require_decoder_file(plan.checkpoint)
             decoder = build_decoder(settings, plan, device)
+        from pid.latents.declared import check_space_fits
+
+        check_space_fits(decoder.latent_channels, latent_space, "the PiD decoder")
         for sample, key, identity, sigmas, digest in tqdm(todo, desc=f"images (rank {env.rank})",
                                                           disable=not dist.is_main()):
             kept: list[dict[str, Any]] = []

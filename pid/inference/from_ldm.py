@@ -36,6 +36,7 @@ from pid.inference.cli import (
     Settings,
     check_output_dir,
     check_pid_steps,
+    declared_space,
     parse_command,
     parse_resolution,
     plan_or_run,
@@ -147,6 +148,8 @@ class RunPlan:
     dtype: torch.dtype
     out_dir: Path
     identity: dict[str, Any] = field(default_factory=dict)  # what decides every item's pixels, but the prompt
+    space: Any = None  # a declared latent space (not loaded); None for the backbone's built-in one
+    pipeline: Any = None  # the PipelineSpec of an unregistered pipeline (pipeline_class= / model_id=)
 
     @property
     def ckpt_type(self) -> str:
@@ -186,7 +189,15 @@ def plan_run(settings: Settings) -> RunPlan:
     """Validate the settings and resolve every default; raises one-line ConfigError / InputError."""
     from pid.latents import get as get_latent_space
 
+    declared = declared_space(settings)
     backbone, kind = settings.backbone.name, settings.backbone.kind
+    pipeline = None
+    if declared is not None:  # any diffusers pipeline whose VAE makes this space
+        backbone, kind = declared.name, "diffusers"
+        pipeline = _custom_pipeline(settings, declared)
+    elif settings.get("pipeline_class"):
+        raise ConfigError("pipeline_class= is for declared latent spaces (latent_space= or a pid_checkpoint that "
+                          "carries one); the registered backbones know their pipeline")
     upstream = kind != "diffusers"
     validate.check_device(settings.get("device"))
     validate.check_decode_settings(settings)
@@ -203,12 +214,13 @@ def plan_run(settings: Settings) -> RunPlan:
     else:
         from pid.inference.pipelines import get_pipeline_spec
 
-        spec = get_pipeline_spec(backbone)
+        spec = pipeline or get_pipeline_spec(backbone)
         default_steps = spec.default_steps
         ldm_model = str(settings.model_id or spec.default_model_id)
-        _check_model_folder(backbone, settings.model_id)
-    record, scale = resolve_decoder(settings)
-    space = get_latent_space(backbone)
+        if pipeline is None:
+            _check_model_folder(backbone, settings.model_id)
+    record, scale = resolve_decoder(settings, declared)
+    space = declared if declared is not None else get_latent_space(backbone)
     if upstream:
         # The RAE LDMs generate at one fixed size (dinov2 512 px, siglip 256 px); upstream's --resolution for
         # them is that LDM size.
@@ -286,6 +298,9 @@ def plan_run(settings: Settings) -> RunPlan:
     decoder_settings = runs.decoder_identity(settings, record, checkpoint, scale, output_size, pid_steps, pid_seed)
     identity = {"backbone": backbone, "ldm": ldm_settings, "decoder": decoder_settings,
                 "files": {"save_format": settings.save_format, "comparison": bool(settings.comparison)}}
+    if declared is not None:
+        identity["latent_space"] = declared.spec.to_dict()
+        ldm_settings["pipeline_class"] = pipeline.pipeline_class
     ignored = set(unused_sampler_knobs(settings, record))
     tag = runs.run_tag(
         backbone, checkpoint, pid_steps=pid_steps,
@@ -304,8 +319,22 @@ def plan_run(settings: Settings) -> RunPlan:
         backbone=backbone, kind=kind, record=record, checkpoint=checkpoint, scale=scale, output_size=output_size,
         ldm_size=ldm_size, ldm_model=ldm_model, prompts=prompts, capture_steps=capture_steps, ldm_steps=ldm_steps,
         ldm_stop_at=stop_at, pid_steps=pid_steps, pid_seed=pid_seed, dtype=DTYPES[settings.dtype],
-        out_dir=out_dir, identity=identity,
+        out_dir=out_dir, identity=identity, space=declared, pipeline=pipeline,
     )
+
+
+def _custom_pipeline(settings: Settings, space: Any) -> Any:
+    """The PipelineSpec of `pipeline_class=` (default: the class a local `model_id=` folder names)."""
+    from pid.inference.pipelines import custom_pipeline_spec, folder_pipeline_class
+
+    if not settings.get("model_id"):
+        raise ConfigError(f"latent space {space.name} has no registered LDM; give model_id=<hub id or pipeline "
+                          "folder> (and pipeline_class= for a hub id, e.g. StableDiffusionPipeline)")
+    pipeline_class = settings.get("pipeline_class") or folder_pipeline_class(settings.model_id)
+    if not pipeline_class:
+        raise ConfigError(f"say which diffusers pipeline {settings.model_id} is: pipeline_class=<e.g. "
+                          "StableDiffusionPipeline or my_pkg.pipelines.MyPipeline>")
+    return custom_pipeline_spec(space.name, pipeline_class, settings.model_id)
 
 
 def _check_model_folder(backbone: str, model_id: str | None) -> None:
@@ -327,9 +356,11 @@ def build_decoder(settings: Settings, plan: Any, device: torch.device):
     kwargs: dict[str, Any] = {}
     if settings.get("pid_revision"):
         kwargs["revision"] = settings.pid_revision
+    space = getattr(plan, "space", None)  # a declared latent space: the decoder file is made for it
     decoder = PiDDecoder.from_pretrained(
-        plan.backbone, plan.ckpt_type, device=device, checkpoint=settings.pid_checkpoint,
-        checkpoint_dir=settings.checkpoint_dir, text_encoder=settings.text_encoder, **kwargs,
+        None if space is not None else plan.backbone, plan.ckpt_type, device=device,
+        checkpoint=settings.pid_checkpoint, checkpoint_dir=settings.checkpoint_dir, text_encoder=settings.text_encoder,
+        latent_space=space, **kwargs,
     )
     if settings.compile:
         decoder.compile()
@@ -353,8 +384,9 @@ class DiffusersSource:
         from pid.latents import get as get_latent_space
 
         self.settings, self.plan, self.pipe, self.device = settings, plan, pipe, device
-        self.spec = get_pipeline_spec(plan.backbone)
-        self.space = get_latent_space(plan.backbone).from_pipeline(pipe)  # the LDM's own VAE: no second copy
+        self.spec = plan.pipeline or get_pipeline_spec(plan.backbone)
+        space = plan.space if plan.space is not None else get_latent_space(plan.backbone)
+        self.space = space.from_pipeline(pipe)  # the LDM's own VAE: no second copy
         self.last_steps_run = plan.ldm_steps
 
     def generate(self, index: int, prompt: str) -> list[Capture]:
@@ -389,7 +421,8 @@ def make_source(settings: Settings, plan: RunPlan, device: torch.device, pipe: A
         from pid.inference.pipelines import get_pipeline_spec, load_pipeline
 
         kwargs = {"revision": settings.ldm_revision} if settings.get("ldm_revision") else {}
-        pipe = load_pipeline(get_pipeline_spec(plan.backbone), settings.model_id, dtype=plan.dtype, device=device,
+        spec = plan.pipeline or get_pipeline_spec(plan.backbone)
+        pipe = load_pipeline(spec, settings.model_id, dtype=plan.dtype, device=device,
                              cpu_offload=settings.cpu_offload, **kwargs)
     return DiffusersSource(settings, plan, pipe, device)
 

@@ -206,6 +206,46 @@ def get_pipeline_spec(name: str) -> PipelineSpec:
         ) from None
 
 
+def custom_pipeline_spec(name: str, pipeline_class: str | type, model_id: str | None = None) -> PipelineSpec:
+    """A spec for a diffusers text-to-image pipeline outside the registry (the `pipeline_class=` / `model_id=`
+    escape hatch, and `pid.attach` on such a pipeline): steps and guidance are the class's own call defaults.
+    `pipeline_class` is a class or its dotted path ("diffusers.StableDiffusionPipeline"; a bare name is looked
+    up in diffusers)."""
+    import inspect
+
+    if isinstance(pipeline_class, str):
+        dotted = pipeline_class if "." in pipeline_class else f"diffusers.{pipeline_class}"
+        cls = import_pipeline_class(PipelineSpec(name, dotted, "", 1, 1.0))
+    else:
+        cls, dotted = pipeline_class, f"{pipeline_class.__module__}.{pipeline_class.__name__}"
+    parameters = inspect.signature(cls.__call__).parameters if isinstance(cls, type) else {}
+    if "callback_on_step_end" not in parameters or "output_type" not in parameters:
+        raise ConfigError(f"{cls.__name__} has no callback_on_step_end / output_type; PiD needs a diffusers "
+                          "text-to-image pipeline that hands out its latents")
+    guidance = next((k for k in ("guidance_scale", "true_cfg_scale") if k in parameters), "guidance_scale")
+
+    def default(key: str, fallback: Any) -> Any:
+        value = parameters[key].default if key in parameters else fallback
+        return fallback if value is inspect.Parameter.empty or value is None else value
+
+    return PipelineSpec(name=name, pipeline_class=dotted, default_model_id=str(model_id or ""),
+                        default_steps=int(default("num_inference_steps", 50)),
+                        default_guidance=float(default(guidance, 1.0)), guidance_kwarg=guidance, latent_space=name)
+
+
+def folder_pipeline_class(model_id: str | os.PathLike[str] | None) -> str | None:
+    """The `_class_name` of a local pipeline folder's model_index.json, or None (a hub id, or no index)."""
+    if model_id is None:
+        return None
+    index = Path(str(model_id)).expanduser() / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        return json.loads(index.read_text()).get("_class_name")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+
+
 def check_optional_deps(spec: PipelineSpec) -> None:
     """Fail with a one-line install hint when the backbone needs packages of a pip extra that are missing."""
     if spec.needs_extra is None:
@@ -315,7 +355,10 @@ def load_pipeline(
     local = _looks_like_local_path(source) or Path(source).expanduser().is_dir()
     if local:
         source = str(Path(source).expanduser())
-        check_model_folder(spec.name, source)
+        if spec.name in _SPECS:
+            check_model_folder(spec.name, source)
+        elif not Path(source).is_dir():
+            raise CheckpointNotFoundError(f"pipeline folder {source} does not exist (model_id=)")
     pipeline_cls = import_pipeline_class(spec)
     if device is None:
         from pid.inference.distributed import rank_device

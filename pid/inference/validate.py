@@ -117,11 +117,10 @@ def check_ldm_kwargs(backbone: str, ldm_kwargs: Mapping[str, Any] | None, *, dif
             raise ConfigError(f"ldm_kwargs {key} is set by the CLI; use {CLI_OWNED_CALL_KWARGS[key]} instead")
         if key in _RESERVED_CALL_KWARGS:
             raise ConfigError(f"ldm_kwargs {key} is set by PiD (it captures the latents) and cannot be changed")
-    spec = get_pipeline_spec(backbone)
     try:
-        pipeline_class = import_pipeline_class(spec)
+        pipeline_class = import_pipeline_class(get_pipeline_spec(backbone))
         names, open_ended = call_parameters(pipeline_class)
-    except Exception:  # diffusers too old or broken: loading the pipeline says so, with its own fix
+    except Exception:  # a declared space's pipeline, or diffusers too old: loading the pipeline says why
         return
     if open_ended:
         return

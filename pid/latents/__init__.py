@@ -10,8 +10,12 @@ See `pid.latents.base.LatentSpace` for the contract and docs/latents.md for ever
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from pid.errors import ConfigError
 from pid.latents.base import AffineLatentSpace, LatentSpace
+from pid.latents.declared import DeclaredLatentSpace, build_space, declare
 from pid.latents.flux import FluxLatentSpace
 from pid.latents.flux2 import Flux2LatentSpace
 from pid.latents.qwenimage import QwenImageLatentSpace
@@ -19,6 +23,7 @@ from pid.latents.rae import DinoV2LatentSpace
 from pid.latents.scale_rae import SigLIPLatentSpace
 from pid.latents.sd3 import SD3LatentSpace
 from pid.latents.sdxl import SDXLLatentSpace
+from pid.latents.spec import LatentSpaceSpec, is_declaration, spec_from_reference
 
 __all__ = [
     "AffineLatentSpace",
@@ -30,6 +35,10 @@ __all__ = [
     "SD3LatentSpace",
     "SDXLLatentSpace",
     "SigLIPLatentSpace",
+    "DeclaredLatentSpace",
+    "LatentSpaceSpec",
+    "declare",
+    "resolve",
     "ALIASES",
     "canonical_name",
     "get",
@@ -94,6 +103,20 @@ def canonical_name(name: str) -> str:
 
 
 def get(name: str) -> LatentSpace:
-    """A fresh latent-space object for backbone `name`, without weights (call `.load()` or `.attach()`)."""
+    """A fresh latent-space object for backbone `name`, without weights (call `.load()` or `.attach()`).
+
+    `name` may also be a declared space: a YAML / JSON file, inline JSON or "module:Class" (see `resolve`)."""
+    if is_declaration(name):
+        return resolve(name)
     backbone = canonical_name(name)
     return _BACKBONES[backbone](backbone)
+
+
+def resolve(reference: str | Mapping[str, Any] | LatentSpaceSpec | LatentSpace) -> LatentSpace:
+    """A latent space from anything that names one: a backbone name, a declaration file (YAML / JSON), inline
+    JSON, a mapping of `LatentSpaceSpec` fields, a spec, "module:Class", or a space object (returned as is)."""
+    if isinstance(reference, LatentSpace):
+        return reference
+    if isinstance(reference, str) and not is_declaration(reference):
+        return get(reference)
+    return build_space(spec_from_reference(reference))

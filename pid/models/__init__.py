@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from pid.models.configs import NET_CONFIGS, PiDNetConfig, get_net_config
+from pid.models.configs import NET_CONFIGS, NamesNetConfig, PiDNetConfig, get_net_config
 from pid.models.pid_net import LatentFeatures, PiDNet, TrainingOutputs
-
-if TYPE_CHECKING:
-    from pid.checkpoints import CheckpointRecord
 
 __all__ = [
     "NET_CONFIGS",
     "LatentFeatures",
+    "NamesNetConfig",
     "PiDNet",
     "PiDNetConfig",
     "TrainingOutputs",
@@ -26,7 +23,7 @@ __all__ = [
 
 
 def build_pid_net(
-    record_or_config: CheckpointRecord | PiDNetConfig | str,
+    record_or_config: NamesNetConfig | PiDNetConfig | str,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     state_dict: Mapping[str, Tensor] | None = None,
@@ -73,7 +70,7 @@ def init_weights(net: PiDNet) -> PiDNet:
     return net
 
 
-def _resolve_config(value: CheckpointRecord | PiDNetConfig | str) -> PiDNetConfig:
+def _resolve_config(value: NamesNetConfig | PiDNetConfig | str) -> PiDNetConfig:
     if isinstance(value, PiDNetConfig):
         return value
     if isinstance(value, str):

@@ -9,7 +9,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
+
+
+class NamesNetConfig(Protocol):
+    """Anything that names a released network config, as `pid.checkpoints.CheckpointRecord` does. The network
+    side knows records only by this shape, so `pid.models` never imports `pid.checkpoints` (which imports this
+    module: one direction, no cycle)."""
+
+    net_config: str
 
 
 @dataclass(frozen=True)

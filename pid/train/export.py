@@ -33,7 +33,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, dtype: str = "bf1
 
     from pid.checkpoints import NET_CONFIG_KEY
     from pid.inference.io import atomic_output
-    from pid.latents import get as get_latent_space
+    from pid.latents.declared import space_metadata
     from pid.models import build_pid_net
     from pid.models.configs import net_config_from_value, net_config_to_dict, released_name
     from pid.train.plan import RUN_FILE
@@ -84,7 +84,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, dtype: str = "bf1
         "format": "pt",
         NET_CONFIG_KEY: name if name is not None else json.dumps(net_config_to_dict(cfg)),
         "pid.backbone": identity["backbone"],
-        "pid.latent_space": get_latent_space(identity["backbone"]).name,
+        **space_metadata(identity["backbone"]),  # the family name, and a declared space's description
         "pid.train.mode": identity["mode"],
         "pid.train.step": str(meta["step"]),
         "pid.train.weights": "ema",

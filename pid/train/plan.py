@@ -188,11 +188,11 @@ def default_net_config(backbone: str) -> PiDNetConfig:
 
     if "undistilled" in ckpt_types(backbone):
         return get_net_config(lookup(backbone, "undistilled").net_config)
+    from pid.latents.declared import space_net_config
+
     space = get_latent_space(backbone)
     released = get_net_config(lookup(backbone).net_config) if ckpt_types(backbone) else None
-    sr = released.sr_scale if released is not None else 4
-    return replace(get_net_config("v1pt5_latent16ch"), name=f"v1pt5_{space.backbone}",
-                   latent_channels=space.channels, latent_downsample=space.downsample, sr_scale=sr)
+    return space_net_config(space, sr_scale=released.sr_scale if released is not None else 4)
 
 
 def file_net_config(path: str) -> PiDNetConfig | None:
@@ -271,9 +271,11 @@ def _probability(settings: Settings, key: str) -> float:
 def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
     """Validate the settings and resolve every default; raises one-line ConfigErrors."""
     from pid.latents import canonical_name
+    from pid.latents.declared import training_backbone
     from pid.train.data_source import summarize_data
 
-    backbone = canonical_name(settings.backbone.name)
+    # latent_space= (a declared space's file, see docs/latents.md) takes the place of the backbone's family
+    backbone = training_backbone(settings.get("latent_space")) or canonical_name(settings.backbone.name)
     if settings.data is None:
         raise ConfigError("give the training images: data=<folder, manifest.jsonl, WebDataset root or cache>")
     for key in ("steps", "batch_size", "grad_accum", "ckpt_every", "keep_checkpoints", "log_every", "resolution"):
@@ -300,7 +302,7 @@ def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
             raise ConfigError(f"the prepare cache {data.source} holds {made_for} latents, not {backbone}; "
                               f"train with backbone={made_for} or prepare a cache for {backbone}")
     check_output_dir(settings.output_dir)
-    run_dir = Path(settings.output_dir).expanduser().absolute() / (settings.run_name or f"{backbone}_{settings.mode}")
+    run_dir = Path(settings.output_dir).expanduser().absolute() / (settings.run_name or f"{Path(backbone).stem}_{settings.mode}")
     plan = TrainPlan(
         mode=settings.mode, backbone=backbone, net_config=net_config, init=init, trainable_params=trainable,
         frozen_params=frozen, data=data, resolution=int(settings.resolution),
