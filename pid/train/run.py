@@ -229,6 +229,10 @@ class Progress:
 def run(plan: TrainPlan, encoders: Encoders | None = None, data: Any = None) -> int:
     """Train (or resume) the run `plan` describes; returns the exit code (0 done, 130 stopped by a signal).
     `encoders` / `data` may be passed in (tests, embedding)."""
+    if plan.mode == "distill":
+        from pid.train.distill_run import run_distill
+
+        return run_distill(plan, encoders, data)
     env = dist.init_distributed()
     device = torch.device(plan.device) if plan.device else dist.rank_device()
     seed_everything(plan.seed + env.rank)

@@ -270,7 +270,8 @@ def fake_score_losses(
     cfg: DMDConfig = DMDConfig(),
 ) -> dict[str, Tensor]:
     """Fake-score + discriminator phase: {"dsm", "gan_disc", "r1", "total"}
-    (total = dsm + gan_disc + r1_weight * r1). Gradients reach the fake score and the discriminator."""
+    (total = dsm + gan_disc + r1_weight * r1) and the detached "real_logits" / "fake_logits" (for the
+    discriminator's accuracy). Gradients reach the fake score and the discriminator."""
     inp = dmd_inputs(batch, draws)
     with torch.no_grad():
         x0_student = student_x0(student, inp, draws, cfg)
@@ -290,7 +291,7 @@ def fake_score_losses(
     fake_logits = discriminator(fake_feat.block_features)
     gan_disc = gan_discriminator_loss(real_logits, fake_logits)
     total = cfg.dsm_weight * dsm + gan_disc
-    out = {"dsm": dsm, "gan_disc": gan_disc}
+    out = {"dsm": dsm, "gan_disc": gan_disc, "real_logits": real_logits.detach(), "fake_logits": fake_logits.detach()}
     if cfg.r1_weight > 0:
         # Finite-difference R1: the discriminator's logit change under a small input perturbation.
         with torch.no_grad():
