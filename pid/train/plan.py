@@ -37,7 +37,7 @@ DEFAULT_WEIGHT_DECAY = {"teacher": 1e-3, "full": 0.0, "distill": 0.0}
 # Per-mode defaults of options left null (teacher.py:72,91-97,142,149; finetune.py; distillation.py:72,92-98,169,176).
 MODE_DEFAULTS = {
     "teacher": {"steps": 30000, "batch_size": 2, "warmup_steps": 2000, "ckpt_every": 5000},
-    "full": {"steps": 30000, "batch_size": 1, "warmup_steps": 2000, "ckpt_every": 5000},
+    "full": {"steps": 30000, "batch_size": 2, "warmup_steps": 2000, "ckpt_every": 5000},
     "distill": {"steps": 3000, "batch_size": 1, "warmup_steps": 100, "ckpt_every": 100},
 }
 RUN_FILE = "run.json"
