@@ -71,7 +71,7 @@ def lq_inputs(images: Path) -> list[tuple[torch.Tensor, str]]:
     return out
 
 
-def compare(work: Path, teacher_file: Path, student_file: Path) -> dict[str, dict[str, float]]:
+def compare(work: Path, teacher_file: Path, student_file: Path, cfg: float = 3.0) -> dict[str, dict[str, float]]:
     """Per image and seed, each 4-step decode against the teacher's 32-step decode of the same seed ("mse",
     "psnr_db"); and per image, the mean over seeds of each against the mean of the 32-step decodes ("mean_mse":
     the distributions' first moments, which a distribution-matching student can meet without following the
@@ -86,9 +86,9 @@ def compare(work: Path, teacher_file: Path, student_file: Path) -> dict[str, dic
         images: dict[str, list[torch.Tensor]] = {name: [] for name in ("target", *names[:3])}
         for seed in SEEDS:
             with torch.no_grad():
-                images["target"].append(teacher_u.decode(latent, caption, steps=32, cfg_scale=3.0, seed=seed))
+                images["target"].append(teacher_u.decode(latent, caption, steps=32, cfg_scale=cfg, seed=seed))
                 images[names[0]].append(student.decode(latent, caption, steps=4, seed=seed))
-                images[names[1]].append(teacher_u.decode(latent, caption, steps=4, cfg_scale=3.0, seed=seed))
+                images[names[1]].append(teacher_u.decode(latent, caption, steps=4, cfg_scale=cfg, seed=seed))
                 images[names[2]].append(teacher_d.decode(latent, caption, steps=4, seed=seed))
         target = images["target"]
         for name in names[:3]:
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-steps", type=int, default=300)
     parser.add_argument("--distill-steps", type=int, default=300)
     parser.add_argument("--distill-lr", type=float, default=1e-3, help="student, fake score and discriminator lr")
+    parser.add_argument("--teacher-cfg", type=float, default=3.0, help="the VSD target's CFG and the decodes' CFG")
     parser.add_argument("--out", type=Path, help="write the numbers as JSON")
     parser.add_argument("options", nargs="*", help="more key=value options of the distillation run")
     args = parser.parse_args(argv)
@@ -123,16 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     teacher_file = export(work / "runs" / "teacher", work / "teacher.safetensors")
     teacher_s = time.perf_counter() - start
     lr = args.distill_lr
-    run_name = "_".join(["student", str(args.distill_steps), f"{lr:g}", *args.options]).replace("=", "-")
+    options = [*args.options, f"teacher_cfg={args.teacher_cfg}"]
+    run_name = "_".join(["student", str(args.distill_steps), f"{lr:g}", *options]).replace("=", "-")
     assert train(work, "mode=distill", f"init={teacher_file}", f"steps={args.distill_steps}",
                  f"ckpt_every={args.distill_steps}", f"lr={lr}", f"fake_score_lr={lr}", f"discriminator_lr={lr}",
-                 "warmup_steps=0", f"run_name={run_name}", *common, *args.options) == 0
+                 "warmup_steps=0", f"run_name={run_name}", *common, *options) == 0
     student_file = export(work / "runs" / run_name, work / f"{run_name}.safetensors")
     distill_s = time.perf_counter() - start - teacher_s
     result = {"teacher_steps": args.teacher_steps, "distill_iterations": args.distill_steps, "distill_lr": lr,
-              "options": args.options,
+              "options": options,
               "teacher_train_s": round(teacher_s, 1), "distill_s": round(distill_s, 1),
-              "against_teacher_32_step_cfg3": compare(work, teacher_file, student_file),
+              f"against_teacher_32_step_cfg{args.teacher_cfg:g}": compare(work, teacher_file, student_file,
+                                                                          args.teacher_cfg),
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     text = json.dumps(result, indent=1)
     print(text)
