@@ -23,7 +23,7 @@ import torch
 from loguru import logger
 from torch import Tensor
 
-from pid.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError
+from pid.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError, PiDError
 from pid.models.configs import (
     NET_CONFIGS,
     PiDNetConfig,
@@ -259,6 +259,21 @@ def ckpt_types(backbone: str) -> list[str]:
     """The checkpoint types released for `backbone`, in CKPT_TYPES order."""
     found = {t for b, t in REGISTRY if b == backbone}
     return [t for t in CKPT_TYPES if t in found]
+
+
+def carried_ckpt_type(path: str | os.PathLike | None, backbone: str) -> str | None:
+    """The checkpoint type a decoder file says it is sampled as (`pid.ckpt_type`, written by `pid.train.export`:
+    `undistilled` for a teacher, a distilled type for a student), when that type exists for `backbone`; None for
+    files that carry none, or that cannot be read here (their loading reports that)."""
+    if path is None or not Path(path).expanduser().is_file():
+        return None
+    try:
+        carried = read_checkpoint_metadata(Path(path).expanduser()).get("pid.ckpt_type")
+        if carried:
+            lookup(backbone, carried)
+    except PiDError:
+        return None
+    return carried or None
 
 
 def default_ckpt_type(backbone: str) -> str:

@@ -21,7 +21,14 @@ from loguru import logger
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pid.checkpoints import CheckpointRecord, ckpt_types, load_network_weights, lookup, resolve_checkpoint
+from pid.checkpoints import (
+    CheckpointRecord,
+    carried_ckpt_type,
+    ckpt_types,
+    load_network_weights,
+    lookup,
+    resolve_checkpoint,
+)
 from pid.errors import ConfigError
 from pid.models import PiDNet, build_pid_net
 from pid.models.pid_net import LatentFeatures
@@ -131,6 +138,8 @@ class PiDDecoder:
             if backbone is None:
                 raise ConfigError("name the backbone (e.g. from_pretrained('flux')), or give a checkpoint= file that "
                                   "carries its latent space")
+            if ckpt_type == "2k" and checkpoint is not None:  # the default: a pid.train export names its own type
+                ckpt_type = carried_ckpt_type(checkpoint, backbone) or ckpt_type
             if ckpt_type == "2k" and "2k" not in ckpt_types(backbone):
                 ckpt_type = None
             record = lookup(backbone, ckpt_type)

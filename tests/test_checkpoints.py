@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -505,3 +506,26 @@ def test_unusable_embedded_config_is_one_line(tmp_path):
         read_checkpoint(path)
     save_file({"x": torch.zeros(1)}, str(path), metadata={NET_CONFIG_KEY: "v1_sdxl_latent4ch"})
     assert read_checkpoint(path)[1].latent_channels == 4
+
+
+@pytest.mark.parametrize("carried, expected", [("undistilled", "undistilled"), ("2kto4k_v1pt5", "2kto4k_v1pt5"),
+                                               ("no-such-type", "2k"), (None, "2k")])
+def test_an_exported_decoder_names_its_own_sampler(tmp_path, carried, expected):
+    """A pid.train export says whether it is a teacher (undistilled) or a student; without pid_ckpt_type= the CLIs
+    and PiDDecoder follow the file, an explicit pid_ckpt_type= wins, and a type the backbone lacks is ignored."""
+    from safetensors.torch import save_file
+
+    from pid.checkpoints import carried_ckpt_type
+
+    from cli_driver import dry_run
+
+    decoder = tmp_path / "mine.safetensors"
+    save_file({"w": torch.zeros(1)}, str(decoder), metadata={"pid.ckpt_type": carried} if carried else None)
+    assert carried_ckpt_type(decoder, "flux") == (carried if carried == expected and carried else None)
+    image = Path(__file__).resolve().parents[1] / "assets" / "coffee.jpg"
+    plan = dry_run("pid.inference.from_clean", "backbone=flux", f"pid_checkpoint={decoder}", f"input_path={image}",
+                   cwd=tmp_path)
+    assert plan["ckpt_type"] == expected
+    plan = dry_run("pid.inference.from_clean", "backbone=flux", f"pid_checkpoint={decoder}", f"input_path={image}",
+                   "pid_ckpt_type=2k", cwd=tmp_path)
+    assert plan["ckpt_type"] == "2k"

@@ -40,7 +40,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 def test_help_lists_the_options_and_exit_codes():
     done = run_module("pid.train", "--help")
     assert done.returncode == 0, done.stderr
-    for word in ("mode={teacher|full}", "init=<text>", "data=<path>", "grad_accum=<int>", "ckpt_every=<int>",
+    for word in ("mode={teacher|full|distill}", "init=<text>", "data=<path>", "grad_accum=<int>", "ckpt_every=<int>",
                  "130 interrupted", "--dry_run"):
         assert word in done.stdout
 

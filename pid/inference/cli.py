@@ -540,9 +540,15 @@ def resolve_decoder(settings: Settings, space: Any = None) -> tuple[Any, int]:
     record of `pid_checkpoint`, made for it."""
     from loguru import logger
 
-    from pid.checkpoints import lookup
+    from pid.checkpoints import carried_ckpt_type, lookup
 
     ckpt_type = None if settings.pid_ckpt_type is None else str(settings.pid_ckpt_type)
+    if ckpt_type is None and space is None and settings.get("pid_checkpoint"):
+        # an exported pid.train decoder says how it is sampled (a teacher: undistilled; a student: distilled)
+        ckpt_type = carried_ckpt_type(settings.pid_checkpoint, settings.backbone.name)
+        if ckpt_type is not None:
+            logger.info("{} is a {} decoder (its metadata); pid_ckpt_type= overrides", settings.pid_checkpoint,
+                        ckpt_type)
     record = _declared_record(settings, space) if space is not None else lookup(settings.backbone.name, ckpt_type)
     warn_unused_sampler_knobs(settings, record)
     if settings.scale is not None and int(settings.scale) < 1:

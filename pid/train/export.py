@@ -5,7 +5,8 @@
 
 The file holds the whole network (a teacher run's frozen backbone comes from the run's init file, its adapter
 from the EMA) with the network config, backbone and latent space in the safetensors metadata, in the format
-`python -m pid.convert` writes. So it loads wherever a released decoder does:
+`python -m pid.convert` writes. So it loads wherever a released decoder does. A `mode=distill` run exports its
+student's EMA: a 4-step distilled decoder, sampled like a released student (`pid_steps=1..4`, no CFG):
 
     PiDDecoder.from_pretrained("flux", checkpoint="my_decoder.safetensors")
     python -m pid.inference.from_clean backbone=flux pid_checkpoint=my_decoder.safetensors input_path=x.png
@@ -88,10 +89,26 @@ def export(run_dir: str | Path, out: str | Path | None = None, dtype: str = "bf1
         "pid.train.mode": identity["mode"],
         "pid.train.step": str(meta["step"]),
         "pid.train.weights": "ema",
+        **sampler_metadata(identity),
     }
     with atomic_output(out) as tmp:
         save_file(payload, str(tmp), metadata=metadata)
     return out
+
+
+def sampler_metadata(identity: dict) -> dict[str, str]:
+    """How the file is sampled. pid picks the sampler from `pid_ckpt_type` (its checkpoint record), not from the
+    file: a distilled student runs with any distilled type of its backbone (the default type where the backbone
+    has a distilled decoder), a teacher with pid_ckpt_type=undistilled. Recorded here for people and tools."""
+    from pid.checkpoints import ckpt_types
+    from pid.sampling import DISTILLED_T_LIST
+
+    if identity["mode"] != "distill":
+        return {"pid.sampler": "undistilled", "pid.ckpt_type": "undistilled"}
+    distilled = [t for t in ckpt_types(identity["backbone"]) if t != "undistilled"]
+    hint = "2kto4k_v1pt5" if "2kto4k_v1pt5" in distilled else (distilled[0] if distilled else "")
+    return {"pid.sampler": "distilled", "pid.ckpt_type": hint, "pid.distilled_steps": "4",
+            "pid.student_t_list": json.dumps(list(DISTILLED_T_LIST))}
 
 
 def main(argv: list[str] | None = None) -> int:

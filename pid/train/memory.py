@@ -63,3 +63,46 @@ def estimate_train_memory(cfg: PiDNetConfig, trainable: int, frozen: int, height
     # adapter features, the aux RGB head, noisy image / target / loss images (a few fp32 [B,3,H,W])
     extra = phases["adapter"] * 2 + 8 * batch * 3 * height * width * FP32
     return TrainMemoryEstimate(int(weights), int(optimizer), int(kept + extra))
+
+
+@dataclass(frozen=True)
+class DistillMemoryEstimate:
+    """Peak bytes per GPU of a distillation iteration: four networks at once (spec §d)."""
+
+    teacher_bytes: int  # frozen teacher weights (bf16 on CUDA)
+    trained_bytes: int  # student + fake score + discriminator: fp32 weights, grads, AdamW moments, student EMA
+    activation_bytes: int  # the larger phase's autograd activations
+
+    @property
+    def total_bytes(self) -> int:
+        return self.teacher_bytes + self.trained_bytes + self.activation_bytes
+
+    def describe(self) -> dict[str, float | str]:
+        gib = lambda n: round(n / GiB, 2)
+        return {"total_gib": gib(self.total_bytes), "teacher_gib": gib(self.teacher_bytes),
+                "student_fake_score_discriminator_gib": gib(self.trained_bytes),
+                "activations_gib": gib(self.activation_bytes)}
+
+
+def estimate_distill_memory(cfg: PiDNetConfig, network_params: int, network_trainable: int,
+                            discriminator_params: int, height: int, width: int, batch: int, cuda: bool,
+                            checkpointing: bool = False, world_size: int = 1,
+                            sharded: bool = False) -> DistillMemoryEstimate:
+    """Peak bytes of one distillation iteration per GPU.
+
+    Resident: the teacher (bf16 on CUDA, never sharded); the student (fp32 weights, grads and AdamW moments of its
+    trainable parameters, EMA), the fake score (the same without EMA) and the discriminator (weights, grads,
+    AdamW). sharded: FSDP2 splits the three trained networks' states over `world_size` GPUs (an estimate of what
+    sharding would give; the trainer runs DDP, which replicates them). Transient: the student phase keeps one
+    training forward of the student plus the teacher's blocks up to the discriminator's feature block (the GAN
+    term backpropagates through them): about 1.5 networks' activations, the larger of the two phases.
+    """
+    teacher = network_params * (BF16 if cuda else FP32)
+    student = network_params * FP32 + network_trainable * FP32 * 4
+    fake_score = network_params * FP32 + network_trainable * FP32 * 3
+    discriminator = discriminator_params * FP32 * 4
+    trained = student + fake_score + discriminator
+    if sharded and world_size > 1:
+        trained //= world_size
+    one = estimate_train_memory(cfg, 0, 0, height, width, batch, cuda, checkpointing)
+    return DistillMemoryEstimate(int(teacher), int(trained), int(one.activation_bytes * 1.5))

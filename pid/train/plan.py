@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pid.errors import CheckpointMismatchError, ConfigError, InputError
 from pid.inference.cli import Settings, check_output_dir
@@ -25,13 +25,22 @@ from pid.models.configs import (
 from pid.train.memory import estimate_train_memory
 from pid.training.validation import ValConfig
 
-Mode = Literal["teacher", "full"]
+if TYPE_CHECKING:
+    from pid.train.distill_plan import DistillPlan
+
+Mode = Literal["teacher", "full", "distill"]
 
 # The hub's PixelDiT text-to-image backbone every v1.5 teacher starts from (spec §a.2, init ckpt).
 PIXELDIT_FILE = "PixelDiT_finetune_2kto4k/model_ema_bf16.pth"
 # The reference's per-mode optimiser defaults (teacher.py:87-90, finetune.py:105-108).
-DEFAULT_LR = {"teacher": 5e-5, "full": 1e-5}
-DEFAULT_WEIGHT_DECAY = {"teacher": 1e-3, "full": 0.0}
+DEFAULT_LR = {"teacher": 5e-5, "full": 1e-5, "distill": 1e-5}
+DEFAULT_WEIGHT_DECAY = {"teacher": 1e-3, "full": 0.0, "distill": 0.0}
+# Per-mode defaults of options left null (teacher.py:72,91-97,142,149; finetune.py; distillation.py:72,92-98,169,176).
+MODE_DEFAULTS = {
+    "teacher": {"steps": 30000, "batch_size": 2, "warmup_steps": 2000, "ckpt_every": 5000},
+    "full": {"steps": 30000, "batch_size": 2, "warmup_steps": 2000, "ckpt_every": 5000},
+    "distill": {"steps": 3000, "batch_size": 1, "warmup_steps": 100, "ckpt_every": 100},
+}
 RUN_FILE = "run.json"
 
 
@@ -93,6 +102,7 @@ class TrainPlan:
     text_encoder_revision: str | None = None
     resume_step: int | None = None
     val: ValConfig | None = None  # validation on a held-out manifest (None: off)
+    distill: DistillPlan | None = None  # mode=distill only
 
     @property
     def global_batch(self) -> int:
@@ -104,11 +114,17 @@ class TrainPlan:
                 "init": self.init.kind, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                 "world_size": self.world_size, "seed": self.seed, "resolution": self.resolution,
                 "buckets": self.bucket_mode,
-                "data": self.data.source}
+                "data": self.data.source,
+                **({"distill": asdict(self.distill)} if self.distill is not None else {})}
 
     def describe(self, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
         """The dry run's JSON object."""
         largest = _largest_bucket(self.data.buckets, self.resolution)
+        if self.mode == "distill":
+            from pid.train.distill_plan import describe_distill
+
+            common = TrainPlan.describe(replace(self, mode="teacher", distill=None), rank, world_size)
+            return {**common, **describe_distill(self, largest)}
         memory = estimate_train_memory(
             self.net_config, self.trainable_params, self.frozen_params, largest[0], largest[1], self.batch_size,
             cuda=True, checkpointing=self.activation_checkpointing, world_size=self.world_size,
@@ -278,6 +294,9 @@ def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
     backbone = training_backbone(settings.get("latent_space")) or canonical_name(settings.backbone.name)
     if settings.data is None:
         raise ConfigError("give the training images: data=<folder, manifest.jsonl, WebDataset root or cache>")
+    for key, value in MODE_DEFAULTS[settings.mode].items():
+        if settings.get(key) is None:
+            setattr(settings, key, value)
     for key in ("steps", "batch_size", "grad_accum", "ckpt_every", "keep_checkpoints", "log_every", "resolution"):
         _positive(settings, key)
     _positive(settings, "warmup_steps", 0)
@@ -290,9 +309,20 @@ def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
                           f"{settings.ema_rate}")
     caption_dropout, lq_dropout = _probability(settings, "caption_dropout"), _probability(settings, "lq_dropout")
     val = validation_config(settings)
+    if val is not None and settings.mode == "distill":
+        raise ConfigError("validation (val_manifest=) is not available for mode=distill yet; drop val_manifest= and "
+                          "score an export with python -m pid.inference.from_clean (docs/training.md)")
     init = resolve_init(settings, backbone)
     net_config = training_net_config(settings, backbone, init)
-    trainable, frozen = parameter_counts(net_config, settings.mode)
+    distill = None
+    if settings.mode == "distill":
+        from pid.train.distill_plan import distill_parameter_counts, resolve_distill
+
+        distill = resolve_distill(settings, init, net_config)
+        net_config = replace(net_config, aux_rgb_head=False)  # the reference force-disables it for all three nets
+        trainable, frozen = distill_parameter_counts(net_config)
+    else:
+        trainable, frozen = parameter_counts(net_config, settings.mode)
     data = summarize_data(settings.data, settings.resolution, settings.buckets)
     if data.format == "prepare cache":
         from pid.training.cache import LatentCache
@@ -315,7 +345,7 @@ def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
         progress=bool(settings.progress),
         device=settings.device, activation_checkpointing=bool(settings.activation_checkpointing),
         checkpoint_dir=settings.checkpoint_dir, pid_revision=settings.pid_revision,
-        text_encoder=settings.text_encoder, text_encoder_revision=settings.text_encoder_revision,
+        text_encoder=settings.text_encoder, text_encoder_revision=settings.text_encoder_revision, distill=distill,
     )
     return replace(plan, resume_step=check_resume(plan), val=val)
 

@@ -236,6 +236,10 @@ def run(plan: TrainPlan, encoders: Encoders | None = None, data: Any = None) -> 
     """Train (or resume) the run `plan` describes; returns the exit code (0 done, 128 + the signal's
     number when stopped by one: 130 SIGINT, 143 SIGTERM).
     `encoders` / `data` may be passed in (tests, embedding)."""
+    if plan.mode == "distill":
+        from pid.train.distill_run import run_distill
+
+        return run_distill(plan, encoders, data)
     env = dist.init_distributed()
     device = torch.device(plan.device) if plan.device else dist.rank_device()
     seed_everything(plan.seed + env.rank)

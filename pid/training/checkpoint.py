@@ -135,16 +135,36 @@ def _plain(value: Any) -> Any:
 # Save / load
 
 
+def _optimizers(state: Any) -> Any:
+    """The state's optimiser, or its several (a distillation state: student, fake score, discriminator)."""
+    return list(state.optimizers.values()) if hasattr(state, "optimizers") else state.optimizer
+
+
+def _scheduler_states(state: Any) -> dict[str, Any]:
+    if hasattr(state, "schedulers"):
+        return {"schedulers": {name: _json_safe(s.state_dict()) for name, s in state.schedulers.items()}}
+    return {"scheduler": _json_safe(state.scheduler.state_dict())}
+
+
+def _load_schedulers(state: Any, meta: Mapping[str, Any]) -> None:
+    if hasattr(state, "schedulers"):
+        for name, scheduler in state.schedulers.items():
+            scheduler.load_state_dict(meta["schedulers"][name])
+    else:
+        state.scheduler.load_state_dict(meta["scheduler"])
+
+
 def _tensor_state(state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(what DCP stores, the optimiser's full state dict) of a TrainState."""
+    """(what DCP stores, the optimisers' full state dict) of a TrainState (or a distillation state)."""
     model_sd = get_model_state_dict(state.model, options=_OPTIONS)
-    optim_sd = get_optimizer_state_dict(state.model, state.optimizer, options=_OPTIONS)
+    optim_sd = get_optimizer_state_dict(state.model, _optimizers(state), options=_OPTIONS)
     ema = {f"net.{name}": tensor for name, tensor in state.ema.items()}
     return {"model": model_sd, "ema": ema, "optim": optim_sd["state"]}, optim_sd
 
 
 def save_checkpoint(run_dir: str | os.PathLike, state: Any, data_state: Mapping[str, Any], keep: int) -> Path:
-    """Write the checkpoint of `state` (a `pid.training.loop.TrainState`) on every rank; returns its folder."""
+    """Write the checkpoint of `state` (a `pid.training.loop.TrainState` or `distill_loop.DistillState`) on every
+    rank; returns its folder."""
     root = checkpoint_root(run_dir)
     final = root / step_name(state.step)
     partial = root / f"{final.name}.partial"
@@ -157,7 +177,7 @@ def save_checkpoint(run_dir: str | os.PathLike, state: Any, data_state: Mapping[
     _dcp_save(tensors, Path(partial))
     (partial / f"rank_{rank}.json").write_text(json.dumps({"data": data_state, "rng": rng_state()}))
     if rank == 0:
-        meta = {"step": state.step, "scheduler": _json_safe(state.scheduler.state_dict()),
+        meta = {"step": state.step, **_scheduler_states(state),
                 "param_groups": _json_safe(optim_sd["param_groups"]),
                 "world_size": dist.get_world_size() if _group() else 1}
         (partial / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -192,10 +212,10 @@ def load_checkpoint(folder: str | os.PathLike, state: Any) -> dict[str, Any]:
     _dcp_load(tensors, Path(folder))
     set_model_state_dict(state.model, tensors["model"], options=_LOAD_OPTIONS)
     optim_sd = {"state": tensors["optim"], "param_groups": meta["param_groups"]}
-    set_optimizer_state_dict(state.model, state.optimizer, optim_sd, options=_OPTIONS)
+    set_optimizer_state_dict(state.model, _optimizers(state), optim_sd, options=_OPTIONS)
     for name in state.ema:
         state.ema[name] = tensors["ema"][f"net.{name}"]
-    state.scheduler.load_state_dict(meta["scheduler"])
+    _load_schedulers(state, meta)
     state.step = int(meta["step"])
     rank_file = folder / f"rank_{_rank()}.json"
     if not rank_file.is_file():

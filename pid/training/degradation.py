@@ -5,6 +5,8 @@ sigma-noising of its latent. Deterministic given the draws; `pid.training.random
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -59,3 +61,14 @@ def noise_latent(
     s = sigma.to(lq_latent.dtype).reshape(apply.shape)
     mixed = (1.0 - s) * lq_latent + s * noise.to(lq_latent.dtype)
     return torch.where(apply, mixed, lq_latent), sigma
+
+
+def draw_latent_noise(batch_size: int, latent_shape: Sequence[int], apply_prob: float,
+                      generator: torch.Generator | None, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The latent noiser's draws in the reference's order: apply u [B], then sigma u [B] and eps [B, *latent_shape]
+    only when some sample is noised (the reference draws nothing more otherwise; zeros stand in)."""
+    kw = {"generator": generator, "device": device}
+    apply_u = torch.rand(batch_size, **kw)
+    if bool((apply_u < apply_prob).any()):
+        return apply_u, torch.rand(batch_size, **kw), torch.randn(batch_size, *latent_shape, **kw)
+    return apply_u, torch.zeros(batch_size, device=device), torch.zeros(batch_size, *latent_shape, device=device)

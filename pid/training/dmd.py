@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from pid.sampling import DISTILLED_T_LIST
-from pid.training.degradation import LATENT_NOISE_APPLY_PROB, noise_latent
+from pid.training.degradation import LATENT_NOISE_APPLY_PROB, draw_latent_noise, noise_latent
 from pid.training.losses import (
     dsm_loss,
     gan_discriminator_loss,
@@ -129,13 +129,7 @@ def draw_dmd_randomness(
     # Drawn where the generator lives (so a CPU generator gives the same draws on any device), then moved.
     target, device = torch.device(device), generator.device if generator is not None else torch.device(device)
     kw = {"generator": generator, "device": device}
-    apply_u = torch.rand(batch_size, **kw)
-    if bool((apply_u < apply_prob).any()):
-        sigma_u = torch.rand(batch_size, **kw)
-        degrade_noise = torch.randn(batch_size, *latent_shape, **kw)
-    else:
-        sigma_u = torch.zeros(batch_size, device=device)
-        degrade_noise = torch.zeros(batch_size, *latent_shape, device=device)
+    apply_u, sigma_u, degrade_noise = draw_latent_noise(batch_size, latent_shape, apply_prob, generator, device)
     draws = {
         "degrade_apply_u": apply_u,
         "degrade_sigma_u": sigma_u,
@@ -270,7 +264,8 @@ def fake_score_losses(
     cfg: DMDConfig = DMDConfig(),
 ) -> dict[str, Tensor]:
     """Fake-score + discriminator phase: {"dsm", "gan_disc", "r1", "total"}
-    (total = dsm + gan_disc + r1_weight * r1). Gradients reach the fake score and the discriminator."""
+    (total = dsm + gan_disc + r1_weight * r1) and the detached "real_logits" / "fake_logits" (for the
+    discriminator's accuracy). Gradients reach the fake score and the discriminator."""
     inp = dmd_inputs(batch, draws)
     with torch.no_grad():
         x0_student = student_x0(student, inp, draws, cfg)
@@ -290,7 +285,7 @@ def fake_score_losses(
     fake_logits = discriminator(fake_feat.block_features)
     gan_disc = gan_discriminator_loss(real_logits, fake_logits)
     total = cfg.dsm_weight * dsm + gan_disc
-    out = {"dsm": dsm, "gan_disc": gan_disc}
+    out = {"dsm": dsm, "gan_disc": gan_disc, "real_logits": real_logits.detach(), "fake_logits": fake_logits.detach()}
     if cfg.r1_weight > 0:
         # Finite-difference R1: the discriminator's logit change under a small input perturbation.
         with torch.no_grad():

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pid.training.degradation import LATENT_NOISE_APPLY_PROB, downsample, noise_latent
+from pid.training.degradation import LATENT_NOISE_APPLY_PROB, downsample, draw_latent_noise, noise_latent
 from pid.training.losses import ALIGN_WEIGHT, color_align_loss, flow_matching_loss, noisy_pixels
 from pid.training.schedules import NETWORK_TIME_SCALE, logit_normal_time
 
@@ -57,13 +57,7 @@ def draw_teacher_randomness(
     # Drawn where the generator lives (so a CPU generator gives the same draws on any device), then moved.
     target, device = torch.device(device), generator.device if generator is not None else torch.device(device)
     kw = {"generator": generator, "device": device}
-    apply_u = torch.rand(batch_size, **kw)
-    if bool((apply_u < apply_prob).any()):
-        sigma_u = torch.rand(batch_size, **kw)
-        degrade_noise = torch.randn(batch_size, *latent_shape, **kw)
-    else:
-        sigma_u = torch.zeros(batch_size, device=device)
-        degrade_noise = torch.zeros(batch_size, *latent_shape, device=device)
+    apply_u, sigma_u, degrade_noise = draw_latent_noise(batch_size, latent_shape, apply_prob, generator, device)
     if lq_dropout > 0:
         probs = torch.full((batch_size,), 1.0 - lq_dropout, device=device)
         keep_lq = torch.bernoulli(probs, generator=generator).bool()
