@@ -286,12 +286,9 @@ def _probability(settings: Settings, key: str) -> float:
 
 def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
     """Validate the settings and resolve every default; raises one-line ConfigErrors."""
-    from pid.latents import canonical_name
-    from pid.latents.declared import training_backbone
-    from pid.train.data_source import summarize_data
+    from pid.training.buckets import BucketSpec
 
-    # latent_space= (a declared space's file, see docs/latents.md) takes the place of the backbone's family
-    backbone = training_backbone(settings.get("latent_space")) or canonical_name(settings.backbone.name)
+    # The plain checks first: a typo costs no import of the model libraries (diffusers alone takes seconds).
     if settings.data is None:
         raise ConfigError("give the training images: data=<folder, manifest.jsonl, WebDataset root or cache>")
     for key, value in MODE_DEFAULTS[settings.mode].items():
@@ -308,6 +305,14 @@ def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
         raise ConfigError(f"grad_clip must be > 0 and ema_rate in (0, 1), got {settings.grad_clip}, "
                           f"{settings.ema_rate}")
     caption_dropout, lq_dropout = _probability(settings, "caption_dropout"), _probability(settings, "lq_dropout")
+    BucketSpec(mode=settings.buckets, resolution=int(settings.resolution))  # resolution / bucket mode, one line
+
+    from pid.latents import canonical_name
+    from pid.latents.declared import training_backbone
+    from pid.train.data_source import summarize_data
+
+    # latent_space= (a declared space's file, see docs/latents.md) takes the place of the backbone's family
+    backbone = training_backbone(settings.get("latent_space")) or canonical_name(settings.backbone.name)
     val = validation_config(settings)
     if val is not None and settings.mode == "distill":
         raise ConfigError("validation (val_manifest=) is not available for mode=distill yet; drop val_manifest= and "
