@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,6 +133,36 @@ def test_tiny_distillation_run_through_the_cli(tmp_path):
     assert {k.split(".")[1] for k in saved if k.startswith("optim.")} >= {"student", "fake_score", "discriminator"}
     meta = json.loads((run_dir / "checkpoints" / "step_000000012" / "meta.json").read_text())
     assert set(meta["schedulers"]) == {"student", "fake_score", "discriminator"}
+
+
+@pytest.mark.slow
+def test_distill_ctrl_c_checkpoints_the_current_iteration_exits_130_and_a_rerun_resumes(tmp_path):
+    """Ctrl-C mid-distillation: the iteration finishes, a checkpoint of it is written, the exit code is 130 and
+    the log names the signal; the same command again resumes at that iteration."""
+    from pid.training.checkpoint import latest_step
+
+    prepare(tmp_path)
+    run_dir = tmp_path / "runs" / "flux_distill"
+    args = [*DISTILL, "log_every=1", "ckpt_every=1000", "lr=1e-3"]
+    proc = subprocess.Popen([sys.executable, HARNESS, str(tmp_path), *args, "steps=1000"], env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").is_file():  # distillation has started (iteration 1 logged)
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    stopped = re.search(r"stopped by SIGINT at iteration (\d+)", stderr)
+    assert stopped, stderr[-2000:]
+    step = int(stopped.group(1))
+    assert 1 <= step < 1000 and latest_step(run_dir) == step
+    assert not list((run_dir / "checkpoints").glob("*.partial"))
+    rerun = subprocess.run([sys.executable, HARNESS, str(tmp_path), *args, f"steps={step + 1}"], env=cli_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"at step {step}" in rerun.stderr and latest_step(run_dir) == step + 1
 
 
 @pytest.mark.slow

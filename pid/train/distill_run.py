@@ -4,6 +4,7 @@ frozen (bf16 on CUDA), the discriminator fresh; three optimisers; resume from th
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import torch
@@ -13,10 +14,10 @@ from torch import Tensor, nn
 from pid.errors import CheckpointMismatchError
 from pid.inference import distributed as dist
 from pid.inference.io import append_jsonl, atomic_write_text, to_json
+from pid.inference.lifecycle import exit_code_for_signal
 from pid.models import PiDNet, build_pid_net
 from pid.train.plan import RUN_FILE, TrainPlan
 from pid.train.run import (
-    EXIT_INTERRUPTED,
     EXIT_OK,
     Progress,
     init_file,
@@ -169,9 +170,9 @@ def run_distill(plan: TrainPlan, encoders: Encoders | None = None, data: Any = N
     finally:
         progress.close()
     if status == "stopped":
-        logger.warning("stopped by a signal at iteration {}; the checkpoint is saved, rerun the command to resume",
-                       state.step)
-        return EXIT_INTERRUPTED
+        logger.warning("stopped by {} at iteration {}; the checkpoint is saved, rerun the command to resume",
+                       signal.Signals(state.stop_signal).name, state.step)
+        return exit_code_for_signal(state.stop_signal)
     if env.rank == 0:
         logger.info("done: {} iterations; export the 4-step student (EMA) with: python -m pid.train.export {}",
                     state.step, run_dir)

@@ -16,6 +16,7 @@ teacher loop, so a 2-rank run equals a 1-rank run with grad_accum=2 and a resume
 from __future__ import annotations
 
 import random
+import signal
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -95,6 +96,7 @@ class DistillState:
     schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler]
     ema: dict[str, Tensor]  # student parameter name -> EMA tensor (trainable parameters)
     log: dict[str, float] = field(default_factory=dict)
+    stop_signal: int | None = None  # the signal that stopped the run (distill_loop returned "stopped")
 
 
 def unwrap(model: nn.Module) -> DistillStep:
@@ -257,6 +259,7 @@ def distill_loop(cfg: DistillConfig, state: DistillState, data: BatchSource, enc
                                               or stopping):
                 on_checkpoint(state, state.step == cfg.steps)
             if stopping and state.step < cfg.steps:
+                state.stop_signal = stop.signal or signal.SIGTERM  # another rank's signal: as a preemption
                 status = "stopped"
                 break
     return status
