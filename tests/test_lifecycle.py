@@ -101,6 +101,16 @@ def test_stop_signal_keeps_finished_items_and_exits_128_plus_signal(hub_cache_en
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
                     reason="signal handlers can only be set from the main thread")
 def test_stop_signals_raise_once_then_ignore_and_respect_an_ignored_signal():
+    # pytest started from `cmd &` or nohup inherits SIGINT ignored, which stop_signals rightly keeps ignored:
+    # give this test Python's default Ctrl-C handler so it checks the same thing wherever it runs
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _check_stop_signals()
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def _check_stop_signals() -> None:
     before = signal.getsignal(signal.SIGTERM)
     state = lifecycle.StopState()
     with pytest.raises(lifecycle.Interrupted) as info:
