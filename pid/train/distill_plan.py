@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from pid.errors import ConfigError
 from pid.models.configs import PiDNetConfig
-from pid.train.memory import estimate_distill_memory
+from pid.train.memory import DistillNetworkSizes, estimate_distill_memory
 
 if TYPE_CHECKING:
     from pid.inference.cli import Settings
@@ -32,6 +32,11 @@ class DistillPlan:
     r1_alpha: float = 0.1
     student_input: str = "teacher_forcing"
     feature_block: int = 7
+    teacher_offload: bool = False  # the teacher on the CPU between uses, each block copied in as it runs
+
+    def identity(self) -> dict[str, Any]:
+        """The options a resumed run must share (where the teacher lives changes no number: not among them)."""
+        return {k: v for k, v in self.__dict__.items() if k != "teacher_offload"}
 
     def dmd_config(self):
         """The `pid.training.DMDConfig` of these options."""
@@ -71,7 +76,8 @@ def resolve_distill(settings: Settings, init: InitSource, cfg: PiDNetConfig) -> 
         discriminator_lr=float(settings.discriminator_lr), teacher_cfg=float(settings.teacher_cfg),
         gan_weight=float(settings.gan_weight), gan_warmup=int(settings.gan_warmup),
         r1_weight=float(settings.r1_weight), r1_alpha=float(settings.r1_alpha),
-        student_input=str(settings.student_input), feature_block=block)
+        student_input=str(settings.student_input), feature_block=block,
+        teacher_offload=bool(settings.get("teacher_offload") or False))
 
 
 def network_counts(cfg: PiDNetConfig) -> dict[str, int]:
@@ -83,11 +89,15 @@ def network_counts(cfg: PiDNetConfig) -> dict[str, int]:
     from pid.training.discriminator import FeatureDiscriminator
     from pid.training.trainable import is_trainable
 
-    named = list(build_pid_net(cfg, device="meta").named_parameters())
+    net = build_pid_net(cfg, device="meta")
+    named = list(net.named_parameters())
+    blocks = [sum(p.numel() for p in block.parameters()) for block in [*net.patch_blocks, *net.pixel_blocks]]
     with torch.device("meta"):
         discriminator = FeatureDiscriminator((0,), cfg.hidden_size)
-    return {"network": sum(p.numel() for _, p in named),
+    total = sum(p.numel() for _, p in named)
+    return {"network": total,
             "network_trainable": sum(p.numel() for n, p in named if is_trainable(n, "full", cfg.patch_depth)),
+            "outside_blocks": total - sum(blocks), "largest_block": max(blocks, default=0),
             "discriminator": sum(p.numel() for p in discriminator.parameters())}
 
 
@@ -102,17 +112,20 @@ def distill_parameter_counts(cfg: PiDNetConfig) -> tuple[int, int]:
 def describe_distill(plan: TrainPlan, largest: tuple[int, int]) -> dict[str, Any]:
     """The dry run's distillation entries: the networks, the DMD options, the memory per GPU count."""
     n = network_counts(plan.net_config)
+    sizes = DistillNetworkSizes(n["network"], n["network_trainable"], n["outside_blocks"], n["largest_block"],
+                                n["discriminator"])
     height, width = largest
-    table = {}
-    for world in MEMORY_WORLD_SIZES:
-        row = {}
-        for name, sharded in (("ddp", False), ("fsdp2_sharded", True)):
-            estimate = estimate_distill_memory(
-                plan.net_config, n["network"], n["network_trainable"], n["discriminator"], height, width,
-                plan.batch_size, cuda=True, checkpointing=plan.activation_checkpointing, world_size=world,
-                sharded=sharded)
-            row[name] = estimate.describe()
-        table[f"{world}_gpu"] = row
+    offload = plan.distill.teacher_offload
+
+    def estimate(world: int, sharded: bool):
+        return estimate_distill_memory(plan.net_config, sizes, height, width, plan.batch_size, cuda=True,
+                                       checkpointing=plan.activation_checkpointing, world_size=world,
+                                       sharded=sharded, teacher_offload=offload)
+
+    # "ddp": every network whole on each GPU (what one GPU runs); "fsdp2_sharded": what several GPUs run
+    table = {f"{world}_gpu": {name: estimate(world, sharded).describe()
+                              for name, sharded in (("ddp", False), ("fsdp2_sharded", True))}
+             for world in MEMORY_WORLD_SIZES}
     return {
         "mode": "distill",
         "networks": {"student": n["network"], "student_trainable": n["network_trainable"],
@@ -125,13 +138,15 @@ def describe_distill(plan: TrainPlan, largest: tuple[int, int]) -> dict[str, Any
                                           "warmup_student_steps": plan.warmup_steps},
                     "grad_clip": f"{plan.grad_clip} on student and on fake score separately; discriminator only "
                                  "NaN-zeroed"},
-        "parallelism": "ddp (find_unused_parameters=True)" if plan.world_size > 1 else "single",
+        "parallelism": "fsdp2 (student, fake score, discriminator sharded; teacher "
+                       f"{'offloaded' if offload else 'replicated'})" if plan.world_size > 1 else "single",
         "estimated_peak_memory_per_gpu": {
-            "how": "estimated from the network config (not measured); bf16 autocast, teacher in bf16; "
-                   "ddp replicates every network (what runs), fsdp2_sharded would split student / fake score / "
-                   "discriminator states (not implemented yet)",
+            "how": "estimated from the network config (not measured); bf16 autocast, teacher in bf16 "
+                   f"({'on the CPU between uses, teacher_offload=true' if offload else 'on every GPU'}); "
+                   "ddp: every network whole on each GPU (what one GPU runs); fsdp2_sharded: student / fake "
+                   "score / discriminator split over the GPUs (what several GPUs run)",
             "image": f"{width}x{height}", "batch_per_gpu": plan.batch_size,
-            "activation_checkpointing": plan.activation_checkpointing, "by_gpu_count": table,
-            "total_gib": table[f"{max(1, min(plan.world_size, 8))}_gpu"]["ddp"]["total_gib"]
-            if plan.world_size in MEMORY_WORLD_SIZES else table["1_gpu"]["ddp"]["total_gib"]},
+            "activation_checkpointing": plan.activation_checkpointing, "teacher_offload": offload,
+            "by_gpu_count": table,
+            "total_gib": estimate(plan.world_size, plan.world_size > 1).describe()["total_gib"]},
     }

@@ -60,6 +60,7 @@ def build_copy(plan: TrainPlan, state: dict[str, Tensor], source: str, trainable
 
 
 def build_distill_step(plan: TrainPlan, source: str, device: torch.device) -> DistillStep:
+    """The four networks; the teacher on `device`, or on the CPU between uses with teacher_offload=true."""
     weights = read_init_weights(source)
     student = build_copy(plan, weights, source, trainable=True)
     fake_score = build_copy(plan, weights, source, trainable=True)
@@ -67,20 +68,26 @@ def build_distill_step(plan: TrainPlan, source: str, device: torch.device) -> Di
     del weights
     if device.type == "cuda":
         teacher.to(torch.bfloat16)
+    if plan.distill.teacher_offload:
+        from pid.training.distill_parallel import TeacherOffload
+
+        teacher.offload = TeacherOffload(teacher, device, checkpointed=plan.activation_checkpointing)
+    else:
+        teacher.to(device)
     torch.manual_seed(plan.seed)  # the fresh discriminator (PyTorch's default init) is the same on every rank
     discriminator = FeatureDiscriminator((plan.distill.feature_block,), plan.net_config.hidden_size)
-    step = DistillStep(student, fake_score, discriminator, teacher.to(device), plan.distill.dmd_config())
+    step = DistillStep(student, fake_score, discriminator, teacher, plan.distill.dmd_config())
     return step.to(device)
 
 
-def wrap_ddp(step: DistillStep, device: torch.device) -> nn.Module:
-    """DDP over ranks; find_unused_parameters=True because each phase trains other networks (spec §d)."""
+def wrap_parallel(step: DistillStep) -> nn.Module:
+    """FSDP2 over ranks, as mode=full: student, fake score and discriminator sharded (per block and per network
+    root), the teacher replicated (pid.training.distill_parallel); the step itself on one process."""
     if dist.get_world_size() <= 1:
         return step
-    from torch.nn.parallel import DistributedDataParallel
+    from pid.training.distill_parallel import shard_distill_step
 
-    ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(step, device_ids=ids, broadcast_buffers=True, find_unused_parameters=True)
+    return shard_distill_step(step)
 
 
 def make_optimizers(step: DistillStep, plan: TrainPlan) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -129,7 +136,7 @@ def run_distill(plan: TrainPlan, encoders: Encoders | None = None, data: Any = N
         atomic_write_text(run_dir / RUN_FILE, to_json({"identity": plan.identity(), "init_file": str(source),
                                                        "plan": plan.describe(0, env.world_size)}))
     step_module = build_distill_step(plan, str(source), device)
-    model = wrap_ddp(step_module, device)
+    model = wrap_parallel(step_module)
     optimizers, schedulers = make_optimizers(step_module, plan)
     state = DistillState(step=0, model=model, optimizers=optimizers, schedulers=schedulers,
                          ema=init_student_ema(model))

@@ -69,40 +69,61 @@ def estimate_train_memory(cfg: PiDNetConfig, trainable: int, frozen: int, height
 class DistillMemoryEstimate:
     """Peak bytes per GPU of a distillation iteration: four networks at once (spec §d)."""
 
-    teacher_bytes: int  # frozen teacher weights (bf16 on CUDA)
-    trained_bytes: int  # student + fake score + discriminator: fp32 weights, grads, AdamW moments, student EMA
+    teacher_bytes: int  # frozen teacher weights on the GPU (bf16 on CUDA); with offload only the units in use
+    trained_bytes: int  # student + fake score + discriminator: weights, grads, AdamW moments, student EMA
+    gathered_bytes: int  # FSDP2: the units all-gathered at one time (weights and their unsharded gradients)
     activation_bytes: int  # the larger phase's autograd activations
 
     @property
     def total_bytes(self) -> int:
-        return self.teacher_bytes + self.trained_bytes + self.activation_bytes
+        return self.teacher_bytes + self.trained_bytes + self.gathered_bytes + self.activation_bytes
 
     def describe(self) -> dict[str, float | str]:
         gib = lambda n: round(n / GiB, 2)
         return {"total_gib": gib(self.total_bytes), "teacher_gib": gib(self.teacher_bytes),
                 "student_fake_score_discriminator_gib": gib(self.trained_bytes),
-                "activations_gib": gib(self.activation_bytes)}
+                "fsdp2_gathered_gib": gib(self.gathered_bytes), "activations_gib": gib(self.activation_bytes)}
 
 
-def estimate_distill_memory(cfg: PiDNetConfig, network_params: int, network_trainable: int,
-                            discriminator_params: int, height: int, width: int, batch: int, cuda: bool,
-                            checkpointing: bool = False, world_size: int = 1,
-                            sharded: bool = False) -> DistillMemoryEstimate:
-    """Peak bytes of one distillation iteration per GPU.
+@dataclass(frozen=True)
+class DistillNetworkSizes:
+    """Parameter counts the distillation estimate needs (from a meta-device build)."""
 
-    Resident: the teacher (bf16 on CUDA, never sharded); the student (fp32 weights, grads and AdamW moments of its
-    trainable parameters, EMA), the fake score (the same without EMA) and the discriminator (weights, grads,
-    AdamW). sharded: FSDP2 splits the three trained networks' states over `world_size` GPUs (an estimate of what
-    sharding would give; the trainer runs DDP, which replicates them). Transient: the student phase keeps one
-    training forward of the student plus the teacher's blocks up to the discriminator's feature block (the GAN
-    term backpropagates through them): about 1.5 networks' activations, the larger of the two phases.
+    network: int  # one PiD network (student, fake score and teacher alike)
+    network_trainable: int  # its parameters trained as mode=full
+    outside_blocks: int  # its parameters outside the transformer blocks (embedders, adapter, final layer)
+    largest_block: int  # its largest transformer block
+    discriminator: int
+
+
+def estimate_distill_memory(cfg: PiDNetConfig, sizes: DistillNetworkSizes, height: int, width: int, batch: int,
+                            cuda: bool, checkpointing: bool = False, world_size: int = 1, sharded: bool = False,
+                            teacher_offload: bool = False) -> DistillMemoryEstimate:
+    """Peak bytes of one distillation iteration per GPU (N = world_size, b = 2 bytes on CUDA (bf16) else 4):
+
+        teacher  = P * b                                      replicated on every GPU
+                 = (P_outside + 2 * P_block) * b              teacher_offload: the parts outside the blocks for the
+                                                              whole call, the running block, and one block's weights
+                                                              copied back for the GAN term's backward pass
+        trained  = student (4 P + 16 T: fp32 weights; grad, AdamW moments, EMA of the trainable T)
+                   + fake score (4 P + 12 T) + discriminator (16 D)
+                 / N when sharded (FSDP2 splits all of it)
+        gathered = 2 * 4 * (P_outside + 2 * P_block + D)      sharded and N > 1: one network's root, its running and
+                                                              prefetched block and the discriminator unsharded, their
+                                                              unsharded gradients as large in the backward pass
+        activations = 1.5 x one training forward's            the student phase keeps the student's training forward
+                                                              plus the teacher's blocks up to the feature block
+
+    Not split by sharding: activations, the teacher (replicated or offloaded, pid.training.distill_parallel).
     """
-    teacher = network_params * (BF16 if cuda else FP32)
-    student = network_params * FP32 + network_trainable * FP32 * 4
-    fake_score = network_params * FP32 + network_trainable * FP32 * 3
-    discriminator = discriminator_params * FP32 * 4
-    trained = student + fake_score + discriminator
+    b = BF16 if cuda else FP32
+    p, t, d = sizes.network, sizes.network_trainable, sizes.discriminator
+    units = sizes.outside_blocks + 2 * sizes.largest_block
+    teacher = units * b if teacher_offload else p * b
+    trained = (p * FP32 + t * FP32 * 4) + (p * FP32 + t * FP32 * 3) + d * FP32 * 4
+    gathered = 0
     if sharded and world_size > 1:
         trained //= world_size
+        gathered = 2 * FP32 * (units + d)
     one = estimate_train_memory(cfg, 0, 0, height, width, batch, cuda, checkpointing)
-    return DistillMemoryEstimate(int(teacher), int(trained), int(one.activation_bytes * 1.5))
+    return DistillMemoryEstimate(int(teacher), int(trained), int(gathered), int(one.activation_bytes * 1.5))

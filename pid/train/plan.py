@@ -115,7 +115,7 @@ class TrainPlan:
                 "world_size": self.world_size, "seed": self.seed, "resolution": self.resolution,
                 "buckets": self.bucket_mode,
                 "data": self.data.source,
-                **({"distill": asdict(self.distill)} if self.distill is not None else {})}
+                **({"distill": self.distill.identity()} if self.distill is not None else {})}
 
     def describe(self, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
         """The dry run's JSON object."""

@@ -224,6 +224,7 @@ def distill_loop(cfg: DistillConfig, state: DistillState, data: BatchSource, enc
                 state.schedulers[name].step()
             for optimizer in state.optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
+            step_module.discriminator.requires_grad_(True)  # trainable again: checkpoints keep trainable tensors only
             if student_phase:
                 update_student_ema(state.ema, model, beta)
                 state.log["ema_beta"] = beta
