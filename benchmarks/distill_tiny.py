@@ -1,16 +1,25 @@
 """The tiny-problem check of distillation (issue 19): does `mode=distill` make a 4-step student closer to its
 teacher's many-step output than the teacher itself sampled with 4 steps?
 
-    python benchmarks/distill_tiny.py                      # ~3 minutes on one CPU thread
-    python benchmarks/distill_tiny.py --teacher-steps 300 --distill-steps 600 --out tiny.json
+    python benchmarks/distill_tiny.py                      # a few minutes on one CPU thread
+    python benchmarks/distill_tiny.py --teacher-steps 2000 --distill-steps 600 --out tiny.json
 
 1. A tiny teacher (hidden 64, the harness's 16-channel /8 VAE and tiny Gemma-2 stand-ins) is trained with
-   `python -m pid.train mode=full` on 4 images of 64 px, then exported.
-2. `python -m pid.train mode=distill init=<that export>` distils it; the student EMA is exported.
-3. On the 4 training images (their LQ latents and captions) and 4 seeds each, every decoder's output is compared
-   with the teacher's 32-step DPM-Solver decode with CFG 3 (the VSD target's guidance): mean squared error and
-   PSNR in [0, 1] images, for the student (4-step distilled sampler), the teacher with 4 DPM-Solver steps, and
-   the teacher's weights in the student's 4-step sampler (the student before distillation).
+   `python -m pid.train mode=full` on `--images` images of 64 px, then exported.
+2. `python -m pid.train mode=distill init=<that export>` distils it; the student's EMA is exported (what a user
+   gets), and its raw weights beside it.
+3. For each training image (its LQ latent and caption), `--seeds` samples of each decoder (one batch drawn from
+   seed 0) are compared with the same number of the teacher's 32-step DPM-Solver decodes with CFG `--teacher-cfg`
+   (the VSD target's guidance) from the same seed, in [0, 1] images:
+   - "mse": per sample, against the target sample of the same initial noise (an ODE-map comparison: a
+     distribution-matching SDE student need not follow it);
+   - "mean_mse": between the means over the samples (the distributions' first moments);
+   - "std_mse": between the per-pixel standard deviations over the samples (the spread; a collapsed student
+     scores the target's own spread);
+   and the same for an independent set of 32-step teacher decodes (seed 1): the floor a perfect sampler with
+   other noise reaches; "image_mse": per sample, against the training image itself. Decoders: the student
+   (EMA, 4-step distilled sampler), the raw student, the teacher with its own 4-step DPM-Solver and CFG, and the teacher's weights in the student's 4-step sampler (the student
+   before distillation).
 
 Runs through the same code as the CLI (tests/train_harness.py builds the plan with the CLI parser).
 """
@@ -34,13 +43,42 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from train_harness import CAPTIONS, make_images, make_init, tiny_encoders, train  # noqa: E402
 
-SEEDS = (0, 1, 2, 3)
+TARGET = "teacher_32_steps_other_noise"
+STUDENT = "student_ema_4_steps"
+DECODERS = (STUDENT, "student_raw_4_steps", "teacher_dpm_4_steps", "teacher_weights_in_student_sampler_4_steps",
+            TARGET)
 
 
 def export(run_dir: Path, out: Path) -> Path:
     from pid.train.export import export as write
 
     return write(run_dir, out, dtype="fp32", overwrite=True)
+
+
+def export_raw_student(run_dir: Path, ema_file: Path, out: Path) -> Path:
+    """`ema_file` (the export) with the student's raw weights of the run's latest checkpoint in place of the EMA."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from pid.training.checkpoint import _dcp_load, latest_checkpoint
+
+    folder = latest_checkpoint(run_dir)
+    prefix = "model.student."
+    items = FileSystemReader(str(folder)).read_metadata().state_dict_metadata.items()
+    raw = {key: torch.empty(item.size, dtype=item.properties.dtype) for key, item in items
+           if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)}
+    _dcp_load(raw, folder)
+    with safe_open(str(ema_file), "pt") as f:
+        metadata = f.metadata()
+        state = {name: f.get_tensor(name) for name in f.keys()}
+    unknown = sorted({key.removeprefix(prefix) for key in raw} - set(state))
+    assert not unknown, f"the checkpoint's student has tensors the export lacks, e.g. {unknown[0]}"
+    # the checkpoint holds the trainable tensors; the frozen ones (last block's text branch) stay the export's
+    state.update({key.removeprefix(prefix): value.float().contiguous() for key, value in raw.items()})
+    save_file(state, str(out), metadata=metadata)
+    return out
 
 
 def decoder(weights: Path, ckpt_type: str):
@@ -55,87 +93,99 @@ def decoder(weights: Path, ckpt_type: str):
     return PiDDecoder(build_pid_net(cfg, state_dict=state), record, tiny_caption_encoder(seed=0, num_tokens=16))
 
 
-def lq_inputs(images: Path) -> list[tuple[torch.Tensor, str]]:
-    """(LQ latent [1, 16, 2, 2], caption) of each training image, as training computes them."""
+def lq_inputs(images: Path, count: int) -> list[tuple[torch.Tensor, str, torch.Tensor]]:
+    """(LQ latent [1, 16, 2, 2], caption, the image [1, 3, 64, 64] in [0, 1]) of each training image, the latent
+    and caption as training computes them."""
     from PIL import Image
 
     from pid.training import downsample
 
     encode = tiny_encoders().encode_lq
     out = []
-    for i in range(4):
+    for i in range(count):
         pixels = torch.from_numpy(np.asarray(Image.open(images / f"img{i}.png"), dtype=np.float32) / 127.5 - 1)
         pixels = pixels.permute(2, 0, 1)[None]
         with torch.no_grad():
-            out.append((encode(downsample(pixels)), CAPTIONS[i]))
+            out.append((encode(downsample(pixels)), CAPTIONS[i], (pixels + 1) / 2))
     return out
 
 
-def compare(work: Path, teacher_file: Path, student_file: Path, cfg: float = 3.0) -> dict[str, dict[str, float]]:
-    """Per image and seed, each 4-step decode against the teacher's 32-step decode of the same seed ("mse",
-    "psnr_db"); and per image, the mean over seeds of each against the mean of the 32-step decodes ("mean_mse":
-    the distributions' first moments, which a distribution-matching student can meet without following the
-    teacher's noise-to-image ODE map). "teacher_32_seed_to_seed" is the spread of the target itself."""
+def scores(samples: torch.Tensor, target: torch.Tensor, image: torch.Tensor) -> dict[str, float]:
+    """Per-sample, first-moment and spread MSE of `samples` [N, 3, H, W] against `target` [N, 3, H, W], and the
+    per-sample MSE to the training image."""
+    return {"mse": float((samples - target).pow(2).mean()),
+            "image_mse": float((samples - image).pow(2).mean()),
+            "mean_mse": float((samples.mean(0) - target.mean(0)).pow(2).mean()),
+            "std_mse": float((samples.std(0) - target.std(0)).pow(2).mean())}
+
+
+def compare(work: Path, teacher_file: Path, student_files: dict[str, Path], count: int, seeds: int,
+            cfg: float = 3.0) -> dict[str, dict[str, float]]:
+    """Each decoder's `seeds` samples per image against the teacher's 32-step CFG decodes (see the module doc),
+    averaged over the images; "psnr_db" is that of the per-sample MSE."""
     teacher_u, teacher_d = decoder(teacher_file, "undistilled"), decoder(teacher_file, "2kto4k_v1pt5")
-    student = decoder(student_file, "2kto4k_v1pt5")
-    names = ("student_4_steps", "teacher_dpm_4_steps", "teacher_weights_in_student_sampler_4_steps",
-             "teacher_32_seed_to_seed")
-    errors: dict[str, list[float]] = {name: [] for name in names}
-    mean_errors: dict[str, list[float]] = {name: [] for name in names[:3]}
-    for latent, caption in lq_inputs(work / "images"):
-        images: dict[str, list[torch.Tensor]] = {name: [] for name in ("target", *names[:3])}
-        for seed in SEEDS:
-            with torch.no_grad():
-                images["target"].append(teacher_u.decode(latent, caption, steps=32, cfg_scale=cfg, seed=seed))
-                images[names[0]].append(student.decode(latent, caption, steps=4, seed=seed))
-                images[names[1]].append(teacher_u.decode(latent, caption, steps=4, cfg_scale=cfg, seed=seed))
-                images[names[2]].append(teacher_d.decode(latent, caption, steps=4, seed=seed))
-        target = images["target"]
-        for name in names[:3]:
-            errors[name] += [float((a - b).pow(2).mean()) for a, b in zip(images[name], target)]
-            mean = torch.stack(images[name]).mean(0)
-            mean_errors[name].append(float((mean - torch.stack(target).mean(0)).pow(2).mean()))
-        errors[names[3]] += [float((target[i] - target[i + 1]).pow(2).mean()) for i in range(len(target) - 1)]
-    out = {name: {"mse": float(np.mean(v)), "psnr_db": float(np.mean([10 * math.log10(1 / e) for e in v]))}
-           for name, v in errors.items()}
-    for name, v in mean_errors.items():
-        out[name]["mean_mse"] = float(np.mean(v))
+    students = {name: decoder(file, "2kto4k_v1pt5") for name, file in student_files.items()}
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name in DECODERS}
+    spread = []
+    for latent, caption, image in lq_inputs(work / "images", count):
+        batch = latent.expand(seeds, -1, -1, -1)
+        with torch.no_grad():
+            target = teacher_u.decode(batch, caption, steps=32, cfg_scale=cfg, seed=0)
+            samples = {name: s.decode(batch, caption, steps=4, seed=0) for name, s in students.items()}
+            samples["teacher_dpm_4_steps"] = teacher_u.decode(batch, caption, steps=4, cfg_scale=cfg, seed=0)
+            samples["teacher_weights_in_student_sampler_4_steps"] = teacher_d.decode(batch, caption, steps=4, seed=0)
+            samples[TARGET] = teacher_u.decode(batch, caption, steps=32, cfg_scale=cfg, seed=1)
+        for name in DECODERS:
+            rows[name].append(scores(samples[name], target, image))
+        spread.append(float(target.std(0).pow(2).mean()))
+    out = {}
+    for name, per_image in rows.items():
+        out[name] = {key: float(np.mean([r[key] for r in per_image])) for key in per_image[0]}
+        out[name]["psnr_db"] = 10 * math.log10(1 / out[name]["mse"])
+    out["target_pixel_variance"] = {"mean": float(np.mean(spread))}
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
+    parser.add_argument("--images", type=int, default=4, choices=range(1, len(CAPTIONS) + 1), metavar="1-4",
+                        help="training images of the teacher and of the distillation")
     parser.add_argument("--teacher-steps", type=int, default=300)
+    parser.add_argument("--teacher-lr", type=float, default=3e-3)
     parser.add_argument("--distill-steps", type=int, default=300)
     parser.add_argument("--distill-lr", type=float, default=1e-3, help="student, fake score and discriminator lr")
     parser.add_argument("--teacher-cfg", type=float, default=3.0, help="the VSD target's CFG and the decodes' CFG")
+    parser.add_argument("--seeds", type=int, default=16, help="samples per image and decoder")
     parser.add_argument("--out", type=Path, help="write the numbers as JSON")
     parser.add_argument("options", nargs="*", help="more key=value options of the distillation run")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     work = args.work or Path(tempfile.mkdtemp(prefix="pid_distill_tiny_"))
-    make_images(work / "images")
+    make_images(work / "images", count=args.images)
     make_init(work / "init.pth")
     start = time.perf_counter()
-    common = ["batch_size=4", "log_every=50", "keep_checkpoints=1"]
-    assert train(work, "mode=full", "lr=3e-3", f"steps={args.teacher_steps}", f"ckpt_every={args.teacher_steps}",
-                 "run_name=teacher", *common) == 0  # a rerun in the same --work resumes: finished at once
-    teacher_file = export(work / "runs" / "teacher", work / "teacher.safetensors")
+    common = [f"batch_size={args.images}", "log_every=50", "keep_checkpoints=1"]
+    teacher_name = f"teacher_{args.images}_{args.teacher_steps}_{args.teacher_lr:g}"
+    assert train(work, "mode=full", f"lr={args.teacher_lr}", f"steps={args.teacher_steps}",
+                 f"ckpt_every={args.teacher_steps}", f"run_name={teacher_name}", *common) == 0  # a rerun resumes
+    teacher_file = export(work / "runs" / teacher_name, work / f"{teacher_name}.safetensors")
     teacher_s = time.perf_counter() - start
     lr = args.distill_lr
     options = [*args.options, f"teacher_cfg={args.teacher_cfg}"]
-    run_name = "_".join(["student", str(args.distill_steps), f"{lr:g}", *options]).replace("=", "-")
+    run_name = "_".join([teacher_name, "student", str(args.distill_steps), f"{lr:g}", *options]).replace("=", "-")
     assert train(work, "mode=distill", f"init={teacher_file}", f"steps={args.distill_steps}",
                  f"ckpt_every={args.distill_steps}", f"lr={lr}", f"fake_score_lr={lr}", f"discriminator_lr={lr}",
                  "warmup_steps=0", f"run_name={run_name}", *common, *options) == 0
     student_file = export(work / "runs" / run_name, work / f"{run_name}.safetensors")
+    raw_file = export_raw_student(work / "runs" / run_name, student_file, work / f"{run_name}_raw.safetensors")
     distill_s = time.perf_counter() - start - teacher_s
-    result = {"teacher_steps": args.teacher_steps, "distill_iterations": args.distill_steps, "distill_lr": lr,
-              "options": options,
+    result = {"images": args.images, "teacher_steps": args.teacher_steps, "teacher_lr": args.teacher_lr,
+              "distill_iterations": args.distill_steps, "distill_lr": lr, "options": options, "seeds": args.seeds,
               "teacher_train_s": round(teacher_s, 1), "distill_s": round(distill_s, 1),
-              f"against_teacher_32_step_cfg{args.teacher_cfg:g}": compare(work, teacher_file, student_file,
-                                                                          args.teacher_cfg),
+              f"against_teacher_32_step_cfg{args.teacher_cfg:g}": compare(
+                  work, teacher_file, {STUDENT: student_file, "student_raw_4_steps": raw_file}, args.images,
+                  args.seeds, args.teacher_cfg),
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     text = json.dumps(result, indent=1)
     print(text)
