@@ -52,6 +52,21 @@ def _png(path: Path) -> torch.Tensor:
     return array.reshape(height, width, 3).permute(2, 0, 1).unsqueeze(0)
 
 
+def _checkpoint(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the run's latest checkpoint."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from pid.training.checkpoint import _dcp_load, latest_checkpoint
+
+    folder = latest_checkpoint(run_dir)
+    items = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    tensors = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in items.items()
+               if isinstance(v, TensorStorageMetadata)}
+    _dcp_load(tensors, folder)
+    return tensors
+
+
 class _Charts(HTMLParser):
     """Each SVG chart's title (aria-label) -> {series label: number of polyline points}."""
 
@@ -125,6 +140,12 @@ def test_student_is_scored_against_the_teacher_and_the_ground_truth_and_the_repo
     html = (run_dir / "report.html").read_text(encoding="utf-8")
     assert "teacher, 3 steps" in html and "loss_total" not in html
 
+    # validating changes nothing in training: the same checkpoint as a run without validation
+    assert train(tmp_path, *DISTILL, "steps=5", "ckpt_every=5", "log_every=1", "run_name=plain") == 0
+    validated, plain = _checkpoint(run_dir), _checkpoint(tmp_path / "runs" / "plain")
+    assert validated.keys() == plain.keys() and len(plain) > 50
+    assert not [k for k in plain if not torch.equal(validated[k], plain[k])]
+
     # python -m pid.report rebuilds the same page from the run folder
     (run_dir / "report.html").unlink()
     done = run_module("pid.report", str(run_dir))
@@ -156,6 +177,7 @@ def test_a_rerun_after_a_kill_between_a_validation_and_its_checkpoint_neither_re
     assert teacher_json.stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_another_validation_set_on_a_resumed_run_remakes_the_teacher_decodes(tmp_path):
     """val_sigmas changed on a rerun: the cached teacher decodes were made for another set, so the teacher
     decodes the new σ at the next validation; earlier rows stay as they were."""
