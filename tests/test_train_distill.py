@@ -86,8 +86,8 @@ def test_dry_run_distill_counts_options_and_memory_table(tmp_path):
     (["init=pixeldit"], "mode=distill needs a teacher"),
     (["init=released", "feature_block=14"], "feature_block must be in [0, 13]"),
     (["init=released", "student_input=rollout"], "student_input must be one of teacher_forcing, self_rollout"),
-    (["init=released", f"val_manifest={Path(__file__).resolve().parents[1] / 'assets' / 'clean_image_manifest.jsonl'}"],
-     "not available for mode=distill"),
+    (["init=released", f"val_manifest={Path(__file__).resolve().parents[1] / 'assets' / 'clean_image_manifest.jsonl'}",
+      "val_steps=5"], "val_steps must be 1..4 with mode=distill"),
 ])
 def test_distill_bad_input_is_one_line_and_exit_2(tmp_path, args, words):
     images = make_images(tmp_path / "images")

@@ -1,4 +1,6 @@
 """The report of a training run (`python -m pid.train`): loss curves, validation curves, validation images.
+A distillation run (mode=distill) shows each network's losses, the discriminator's accuracy, the three learning
+rates and the student scored against the teacher's many-step decode and the ground truth.
 
     python -m pid.report runs/flux_teacher          # rebuild runs/flux_teacher/report.html
 
@@ -159,6 +161,83 @@ def loss_block(metrics: Sequence[dict[str, Any]]) -> str:
             "</div></section>")
 
 
+# mode=distill: each network's curves (metrics.jsonl keys of pid.training.distill_loop)
+DISTILL_LOSS_PLOTS = (
+    ("student: VSD loss", "loss_vsd"),
+    ("student: GAN generator loss", "loss_gan_gen"),
+    ("fake score: DSM loss", "loss_dsm"),
+    ("discriminator: GAN loss", "loss_gan_disc"),
+    ("discriminator: R1 penalty", "loss_r1"),
+)
+DISTILL_LRS = (("student", "lr"), ("fake score", "lr_fake_score"), ("discriminator", "lr_discriminator"))
+VS_TEACHER_LABELS = {"psnr": "PSNR (dB, higher is closer)", "ssim": "SSIM (higher is closer)",
+                     "delta_e2000": "CIEDE2000 (lower is closer)"}
+
+
+def _positive(points: Sequence[tuple[float, float]]) -> bool:
+    return bool(points) and all(y > 0 for _, y in points)
+
+
+def distill_loss_block(metrics: Sequence[dict[str, Any]]) -> str:
+    """A distillation run's curves: each loss, the discriminator's accuracy, the three learning rates, the
+    gradient norms, the GAN weight's warm-up and the speed."""
+    if not metrics:
+        return ('<section class="block" id="losses"><h2>Distillation</h2><p class="note">No metrics logged yet.'
+                "</p></section>")
+    plots = []
+    for title, key in DISTILL_LOSS_PLOTS:
+        points = _series(metrics, key)
+        plots.append(curve_plot(f"{title} (mean over log_every iterations)", [(key, points, False)],
+                                log_y=_positive(points)))
+    plots.append(curve_plot("discriminator accuracy (real > 0, fake < 0)",
+                            [("accuracy", _series(metrics, "discriminator_accuracy"), False)]))
+    lrs = [(label, _series(metrics, key), False) for label, key in DISTILL_LRS]
+    plots.append(curve_plot("learning rates", lrs, log_y=all(_positive(p) or not p for _, p, _ in lrs)))
+    plots.append(curve_plot("gradient norm (before the clip)",
+                            [("student", _series(metrics, "grad_norm_student"), False),
+                             ("fake score", _series(metrics, "grad_norm_fake_score"), False)]))
+    plots.append(curve_plot("GAN generator weight", [("gan_weight", _series(metrics, "gan_weight"), False)]))
+    plots.append(curve_plot("images / s", [("images/s", _series(metrics, "images_per_s"), False)]))
+    return (f'<section class="block" id="losses"><h2>Distillation</h2><p class="note">The student learns every '
+            f'student_update_freq-th iteration, the fake score and the discriminator on the others; x: iteration.'
+            f'</p><div class="curves">{"".join(plots)}</div></section>')
+
+
+def distill_validation_block(val: Sequence[dict[str, Any]]) -> str:
+    """The student's EMA (distilled sampler) against the teacher's many-step decode and the ground truth."""
+    if not val:
+        return ('<section class="block" id="validation"><h2>Validation</h2><p class="note">No validation yet '
+                "(set val_manifest= and val_every=).</p></section>")
+    plots = []
+    for sigma in sorted({float(r["sigma"]) for r in val}):
+        rows = [r for r in val if float(r["sigma"]) == sigma]
+        for metric, title in VS_TEACHER_LABELS.items():
+            versus = [(float(r["step"]), _number(r.get("ema", {}).get(f"{metric}_vs_teacher"))) for r in rows]
+            plots.append(curve_plot(f"student vs teacher: {title}, σ={sigma:g}", [("student vs teacher", versus,
+                                                                                   False)]))
+        for metric, title in METRIC_LABELS.items():
+            ema = [(float(r["step"]), _number(r.get("ema", {}).get(metric))) for r in rows]
+            teacher = [(float(r["step"]), _number(r.get("teacher", {}).get(metric))) for r in rows]
+            plots.append(curve_plot(f"vs ground truth: {title}, σ={sigma:g}",
+                                    [("student", ema, False), ("teacher", teacher, True)]))
+    last = val[-1]
+    keys = [f"{m}_vs_teacher" for m in VS_TEACHER_LABELS]
+    table = "".join(
+        f"<tr><td>{r['step']}</td><td>{float(r['sigma']):g}</td>"
+        + "".join(f"<td>{_fmt(r.get('ema', {}).get(k))}</td>" for k in keys)
+        + "".join(f"<td>{_fmt(r.get('ema', {}).get(m))}</td><td>{_fmt(r.get('teacher', {}).get(m))}</td>"
+                  for m in METRIC_LABELS) + "</tr>" for r in val)
+    head = "".join(f"<th>{k}</th>" for k in keys) + "".join(f"<th>{m} student</th><th>{m} teacher</th>"
+                                                           for m in METRIC_LABELS)
+    return (f'<section class="block" id="validation"><h2>Validation</h2><p class="note">The student\'s EMA '
+            f'weights at {esc(str(last.get("student_steps")))} steps against the frozen teacher\'s '
+            f'{esc(str(last.get("teacher_steps")))}-step decode, and both against the ground truth (teacher dashed); '
+            f'mean over {len(last.get("per_image", []))} held-out images.</p>'
+            f'<div class="curves">{"".join(plots)}</div>'
+            f'<div class="tablewrap"><table id="val-table"><thead><tr><th>iteration</th><th>σ</th>{head}</tr>'
+            f"</thead><tbody>{table}</tbody></table></div></section>")
+
+
 def validation_block(val: Sequence[dict[str, Any]]) -> str:
     if not val:
         return ('<section class="block" id="validation"><h2>Validation</h2><p class="note">No validation yet '
@@ -213,8 +292,11 @@ def images_block(run_dir: Path, val: Sequence[dict[str, Any]], page_dir: Path) -
         ids = list(dict.fromkeys(i for r in rows for i in r.get("images", {})))
         for item in ids:
             first = next(r for r in rows if item in r.get("images", {}))
+            # the reference beside the target: the init's decode (teacher runs) or the teacher's (distillation)
+            reference, label = (("teacher_images", f"teacher, {first.get('teacher_steps')} steps")
+                                if "teacher_images" in first else ("init_images", "init"))
             cells = [_figure(run_dir, first.get("targets", {}).get(item), "target", page_dir),
-                     _figure(run_dir, first.get("init_images", {}).get(item), "init", page_dir)]
+                     _figure(run_dir, first.get(reference, {}).get(item), label, page_dir)]
             cells += [_figure(run_dir, r.get("images", {}).get(item), f"EMA step {r['step']}", page_dir)
                       for r in rows]
             sections.append(f'<h3>{esc(item)} · σ={sigma:g}</h3><div class="stripwrap"><table class="steps">'
@@ -241,7 +323,10 @@ def training_page(run_dir: Path, page_dir: Path) -> str:
              ("init", str(saved.get("init_file"))), ("data", str((plan.get("data") or {}).get("source"))),
              ("global batch", str(plan.get("global_batch"))), ("lr", str(plan.get("lr"))),
              ("resolution", str(plan.get("resolution"))), ("updated", time.strftime("%Y-%m-%d %H:%M:%S"))]
-    body = "\n".join([loss_block(metrics), validation_block(val), images_block(run_dir, val, page_dir)])
+    distill = plan.get("mode") == "distill"
+    blocks = (distill_loss_block(metrics), distill_validation_block(val)) if distill else (
+        loss_block(metrics), validation_block(val))
+    body = "\n".join([*blocks, images_block(run_dir, val, page_dir)])
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>

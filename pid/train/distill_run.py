@@ -5,7 +5,7 @@ frozen (bf16 on CUDA), the discriminator fresh; three optimisers; resume from th
 from __future__ import annotations
 
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from loguru import logger
@@ -16,6 +16,7 @@ from pid.inference import distributed as dist
 from pid.inference.io import append_jsonl, atomic_write_text, to_json
 from pid.inference.lifecycle import exit_code_for_signal
 from pid.models import PiDNet, build_pid_net
+from pid.report.training import update_training_report
 from pid.train.plan import RUN_FILE, TrainPlan
 from pid.train.run import (
     EXIT_OK,
@@ -32,6 +33,9 @@ from pid.training.checkpoint import latest_checkpoint, load_checkpoint, read_ini
 from pid.training.discriminator import FeatureDiscriminator
 from pid.training.distill_loop import DistillConfig, DistillState, DistillStep, distill_loop, init_student_ema
 from pid.training.loop import Encoders
+
+if TYPE_CHECKING:
+    from pid.training.distill_validation import DistillValidator
 
 
 def build_copy(plan: TrainPlan, state: dict[str, Tensor], source: str, trainable: bool) -> PiDNet:
@@ -123,6 +127,32 @@ def negative_prompt_embeds(plan: TrainPlan, encoders: Encoders, device: torch.de
     return embeds
 
 
+def open_distill_validation(plan: TrainPlan, step_module: DistillStep, encoders: Encoders, null_embeds: Tensor,
+                            source: str, device: torch.device, rank: int) -> DistillValidator | None:
+    """The student's validator on rank 0 when `val_manifest=` is set: the held-out set encoded once (with a
+    prepare cache the VAE and Gemma-2 are loaded for this only, then dropped); the teacher's reference decodes
+    wait for the first validation."""
+    if plan.val is None or rank != 0:
+        return None
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in step_module.student.parameters()):
+        logger.warning("validation is not run on a sharded (FSDP2) student; export a checkpoint and score it "
+                       "with from_clean")
+        return None
+    from pid.training.distill_validation import open_distill_validator
+
+    own = encoders.encode_lq is None or encoders.encode_captions is None
+    full = load_encoders(plan, device) if own else encoders
+    validator = open_distill_validator(plan.val, plan.run_dir, plan.backbone, step_module.student, full.encode_lq,
+                                       full.encode_captions, null_embeds, source, device)
+    if own:
+        del full
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return validator
+
+
 def run_distill(plan: TrainPlan, encoders: Encoders | None = None, data: Any = None) -> int:
     """Distil (or resume distilling) the run `plan` describes; 0 done, 130 stopped by a signal."""
     env = dist.init_distributed()
@@ -158,12 +188,15 @@ def run_distill(plan: TrainPlan, encoders: Encoders | None = None, data: Any = N
                         caption_dropout=plan.caption_dropout, seed=plan.seed, ckpt_every=plan.ckpt_every,
                         log_every=plan.log_every)
 
+    validator = open_distill_validation(plan, step_module, encoders, null_embeds, str(source), device, env.rank)
+
     def on_log(record: dict[str, Any]) -> None:
         skip_log = getattr(data, "skip_log", None)
         record = {**record, "peak_memory_gib": peak_memory_gib(device),
                   "skipped_items": skip_log.count if skip_log is not None else 0}
         if env.rank == 0:
             append_jsonl(run_dir / "metrics.jsonl", record)
+            update_training_report(run_dir)
 
     def on_checkpoint(current: DistillState, final: bool) -> None:
         folder = save_checkpoint(run_dir, current, data.state_dict(), plan.keep_checkpoints)
@@ -171,11 +204,20 @@ def run_distill(plan: TrainPlan, encoders: Encoders | None = None, data: Any = N
             logger.info("checkpoint {} written", folder.name)
 
     progress = Progress(plan, state.step, plan.progress and env.rank == 0)
+
+    def on_step(current: DistillState) -> None:
+        progress(current)
+        if validator is not None and (current.step % validator.cfg.every == 0 or current.step == plan.steps):
+            validator(current.step, step_module.student, current.ema, step_module.teacher)
+            update_training_report(run_dir, final=True)
+
     try:
         status = distill_loop(cfg, state, data, encoders, null_embeds, device, env.rank, env.world_size,
-                              on_log=on_log, on_checkpoint=on_checkpoint, on_step=progress)
+                              on_log=on_log, on_checkpoint=on_checkpoint, on_step=on_step)
     finally:
         progress.close()
+        if env.rank == 0:
+            update_training_report(run_dir, final=True)
     if status == "stopped":
         logger.warning("stopped by {} at iteration {}; the checkpoint is saved, rerun the command to resume",
                        signal.Signals(state.stop_signal).name, state.step)

@@ -314,9 +314,6 @@ def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
     # latent_space= (a declared space's file, see docs/latents.md) takes the place of the backbone's family
     backbone = training_backbone(settings.get("latent_space")) or canonical_name(settings.backbone.name)
     val = validation_config(settings)
-    if val is not None and settings.mode == "distill":
-        raise ConfigError("validation (val_manifest=) is not available for mode=distill yet; drop val_manifest= and "
-                          "score an export with python -m pid.inference.from_clean (docs/training.md)")
     init = resolve_init(settings, backbone)
     net_config = training_net_config(settings, backbone, init)
     distill = None
@@ -359,12 +356,20 @@ def validation_config(settings: Settings) -> ValConfig | None:
     """`val_*` options as a ValConfig (None without val_manifest= or with val_every=0); the manifest is read
     now so a bad one fails before anything loads."""
     from pid.inference.io import read_manifest
+    from pid.sampling import MAX_DISTILLED_STEPS
 
     manifest = settings.get("val_manifest")
     if manifest is None or int(settings.get("val_every", 0)) == 0:
         return None
     _positive(settings, "val_every", 0)
+    distill = settings.mode == "distill"
+    if settings.get("val_steps") is None:
+        settings.val_steps = 4 if distill else 25  # a released student's steps / the undistilled default
     _positive(settings, "val_steps")
+    _positive(settings, "val_teacher_steps")
+    if distill and int(settings.val_steps) > MAX_DISTILLED_STEPS:
+        raise ConfigError(f"val_steps must be 1..{MAX_DISTILLED_STEPS} with mode=distill (the student's distilled "
+                          f"sampler), got {settings.val_steps}")
     _positive(settings, "val_images", 0)
     sigmas = settings.get("val_sigmas") or [0.0]
     sigmas = tuple(sorted({float(s) for s in (sigmas if isinstance(sigmas, list) else [sigmas])}))
@@ -379,7 +384,8 @@ def validation_config(settings: Settings) -> ValConfig | None:
         raise InputError(f"val_manifest: {exc}") from None
     return ValConfig(manifest=str(Path(manifest).expanduser().absolute()), every=int(settings.val_every),
                      sigmas=sigmas, steps=int(settings.val_steps), cfg_scale=cfg_scale,
-                     images=int(settings.val_images), resolution=int(settings.resolution), seed=int(settings.seed))
+                     images=int(settings.val_images), resolution=int(settings.resolution), seed=int(settings.seed),
+                     teacher_steps=int(settings.val_teacher_steps))
 
 
 def check_resume(plan: TrainPlan) -> int | None:

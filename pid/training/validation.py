@@ -44,11 +44,12 @@ class ValConfig:
     manifest: str
     every: int  # steps between validations (and one at the end)
     sigmas: tuple[float, ...] = (0.0,)
-    steps: int = 25  # sampler steps per decode
+    steps: int = 25  # sampler steps per decode (mode=distill: the student's distilled sampler, 1..4)
     cfg_scale: float = 5.0  # text CFG (1: none)
     images: int = 4  # decodes saved per validation
     resolution: int = 2048  # longest side of a held-out image
     seed: int = 0
+    teacher_steps: int = 25  # mode=distill: the teacher's undistilled steps of the reference decodes
 
 
 @dataclass
@@ -157,8 +158,10 @@ class Validator:
     def identity(self) -> dict[str, Any]:
         """What the cached init scores depend on."""
         digest = hashlib.sha256(Path(self.cfg.manifest).read_bytes()).hexdigest()[:16]
-        return {**asdict(self.cfg), "every": None, "images": None, "sigmas": list(self.cfg.sigmas),
-                "manifest_sha256": digest, "items": [i.item_id for i in self.items]}
+        identity = {**asdict(self.cfg), "every": None, "images": None, "sigmas": list(self.cfg.sigmas),
+                    "manifest_sha256": digest, "items": [i.item_id for i in self.items]}
+        identity.pop("teacher_steps")  # mode=distill only
+        return identity
 
     def score(self, net: nn.Module, folder: Path | None) -> dict[float, dict[str, Any]]:
         """sigma -> {"mean": metrics, "per_image": [...], "images": {item id: path relative to the run}}."""
