@@ -509,23 +509,32 @@ def test_unusable_embedded_config_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("carried, expected", [("undistilled", "undistilled"), ("2kto4k_v1pt5", "2kto4k_v1pt5"),
-                                               ("no-such-type", "2k"), (None, "2k")])
+                                               ("no-such-type", None), (None, None)])
 def test_an_exported_decoder_names_its_own_sampler(tmp_path, carried, expected):
-    """A pid.train export says whether it is a teacher (undistilled) or a student; without pid_ckpt_type= the CLIs
-    and PiDDecoder follow the file, an explicit pid_ckpt_type= wins, and a type the backbone lacks is ignored."""
+    """A pid.train export says whether it is a teacher (undistilled) or a student; a type the backbone lacks, or
+    none, is not followed (the backbone's default applies)."""
     from safetensors.torch import save_file
 
     from pid.checkpoints import carried_ckpt_type
 
-    from cli_driver import dry_run
-
     decoder = tmp_path / "mine.safetensors"
     save_file({"w": torch.zeros(1)}, str(decoder), metadata={"pid.ckpt_type": carried} if carried else None)
-    assert carried_ckpt_type(decoder, "flux") == (carried if carried == expected and carried else None)
+    assert carried_ckpt_type(decoder, "flux") == expected
+
+
+def test_the_cli_follows_the_decoder_files_sampler_unless_pid_ckpt_type_is_given(tmp_path):
+    """Without pid_ckpt_type= the CLI follows the file (a teacher export runs the undistilled sampler, not
+    silently the 4-step one); an explicit pid_ckpt_type= wins; a file that names nothing gets the default."""
+    from safetensors.torch import save_file
+
+    from cli_driver import dry_run
+
     image = Path(__file__).resolve().parents[1] / "assets" / "coffee.jpg"
-    plan = dry_run("pid.inference.from_clean", "backbone=flux", f"pid_checkpoint={decoder}", f"input_path={image}",
-                   cwd=tmp_path)
-    assert plan["ckpt_type"] == expected
-    plan = dry_run("pid.inference.from_clean", "backbone=flux", f"pid_checkpoint={decoder}", f"input_path={image}",
-                   "pid_ckpt_type=2k", cwd=tmp_path)
-    assert plan["ckpt_type"] == "2k"
+    teacher, plain = tmp_path / "teacher.safetensors", tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(1)}, str(teacher), metadata={"pid.ckpt_type": "undistilled"})
+    save_file({"w": torch.zeros(1)}, str(plain))
+    for decoder, extra, expected in ((teacher, (), "undistilled"), (teacher, ("pid_ckpt_type=2k",), "2k"),
+                                     (plain, (), "2k")):
+        plan = dry_run("pid.inference.from_clean", "backbone=flux", f"pid_checkpoint={decoder}",
+                       f"input_path={image}", *extra, cwd=tmp_path)
+        assert plan["ckpt_type"] == expected, (decoder.name, extra)
