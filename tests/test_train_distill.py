@@ -201,7 +201,7 @@ def test_distill_kill_then_rerun_equals_an_uninterrupted_run_bit_for_bit(tmp_pat
 
 @pytest.mark.slow
 def test_distill_two_gloo_ranks_equal_one_rank_with_the_same_global_batch(tmp_path):
-    """2 ranks x 1 image (DDP, find_unused_parameters) against 1 rank x 1 image x grad_accum 2, over a student
+    """2 ranks x 1 image (FSDP2, as several processes run) against 1 rank x 1 image x grad_accum 2, over a student
     and a fake-score iteration: the same student EMA, fake score and discriminator to fp32 rounding."""
     prepare(tmp_path)
     common = ["mode=distill", "warmup_steps=0", "steps=2", "ckpt_every=2", "log_every=2", "batch_size=1",

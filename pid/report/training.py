@@ -203,11 +203,14 @@ def distill_loss_block(metrics: Sequence[dict[str, Any]]) -> str:
             f'</p><div class="curves">{"".join(plots)}</div></section>')
 
 
+NO_VALIDATION_YET = ('<section class="block" id="validation"><h2>Validation</h2><p class="note">No validation yet '
+                     "(set val_manifest= and val_every=).</p></section>")
+
+
 def distill_validation_block(val: Sequence[dict[str, Any]]) -> str:
     """The student's EMA (distilled sampler) against the teacher's many-step decode and the ground truth."""
     if not val:
-        return ('<section class="block" id="validation"><h2>Validation</h2><p class="note">No validation yet '
-                "(set val_manifest= and val_every=).</p></section>")
+        return NO_VALIDATION_YET
     plots = []
     for sigma in sorted({float(r["sigma"]) for r in val}):
         rows = [r for r in val if float(r["sigma"]) == sigma]
@@ -240,8 +243,7 @@ def distill_validation_block(val: Sequence[dict[str, Any]]) -> str:
 
 def validation_block(val: Sequence[dict[str, Any]]) -> str:
     if not val:
-        return ('<section class="block" id="validation"><h2>Validation</h2><p class="note">No validation yet '
-                "(set val_manifest= and val_every=).</p></section>")
+        return NO_VALIDATION_YET
     plots = []
     for sigma in sorted({float(r["sigma"]) for r in val}):
         rows = [r for r in val if float(r["sigma"]) == sigma]

@@ -131,18 +131,12 @@ def wrap_parallel(step: TeacherStep, plan: TrainPlan, device: torch.device) -> n
     if plan.mode == "full":
         from torch.distributed.fsdp import fully_shard
 
+        from pid.training.parallel import average_replicated_gradients
+
         # FSDP2 cannot shard 0-d parameters (the gates' log_alpha): they stay replicated, their gradients
         # averaged over ranks by a hook, as DDP would.
         scalars = {p for p in step.parameters() if p.ndim == 0}
-        world = dist.get_world_size()
-
-        def average(param: nn.Parameter) -> None:
-            torch.distributed.all_reduce(param.grad)
-            param.grad.div_(world)
-
-        for param in scalars:
-            if param.requires_grad:
-                param.register_post_accumulate_grad_hook(average)
+        average_replicated_gradients(scalars)
         for block in [*step.net.patch_blocks, *step.net.pixel_blocks]:
             fully_shard(block)
         return fully_shard(step, ignored_params=scalars)

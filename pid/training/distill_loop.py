@@ -9,7 +9,7 @@ ema_beta(it // student_update_freq); other iterations: clip 0.1 on the fake scor
 discriminator, both AdamW + schedulers step -> metrics, checkpoint.
 
 The frozen teacher is not a submodule of `DistillStep`: it is never saved (a rerun reloads it from the init file)
-and DDP neither broadcasts nor hooks it. Draws are per sample from (seed, iteration, sample slot) as in the
+and neither FSDP2 nor DDP shards, broadcasts or hooks it. Draws are per sample from (seed, iteration, sample slot) as in the
 teacher loop, so a 2-rank run equals a 1-rank run with grad_accum=2 and a resume equals an uninterrupted run.
 """
 
@@ -68,7 +68,7 @@ class DistillConfig:
 
 
 class DistillStep(nn.Module):
-    """Student, fake score and discriminator as one module (DDP wraps the whole iteration), the teacher beside."""
+    """Student, fake score and discriminator as one module (FSDP2 shards it as the root), the teacher beside."""
 
     def __init__(self, student: nn.Module, fake_score: nn.Module, discriminator: nn.Module, teacher: nn.Module,
                  cfg: DMDConfig) -> None:
@@ -91,7 +91,7 @@ class DistillState:
     `optimizers` / `schedulers` in place of a teacher run's single ones)."""
 
     step: int  # iterations done
-    model: nn.Module  # the (possibly DDP-wrapped) `DistillStep`
+    model: nn.Module  # the `DistillStep` (FSDP2-sharded on several processes)
     optimizers: dict[str, torch.optim.Optimizer]  # student, fake_score, discriminator
     schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler]
     ema: dict[str, Tensor]  # student parameter name -> EMA tensor (trainable parameters)

@@ -26,20 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from pid.inference import distributed as dist
-
-
-def average_replicated_gradients(params: set[nn.Parameter]) -> None:
-    """Sum-then-divide each replicated parameter's gradient over ranks once autograd has accumulated it."""
-    world = dist.get_world_size()
-
-    def average(param: nn.Parameter) -> None:
-        torch.distributed.all_reduce(param.grad)
-        param.grad.div_(world)
-
-    for param in params:
-        if param.requires_grad:
-            param.register_post_accumulate_grad_hook(average)
+from pid.training.parallel import average_replicated_gradients
 
 
 def shard_distill_step(step: nn.Module) -> nn.Module:
