@@ -9,11 +9,13 @@
 Files are reported, per backbone, as
   present         a local copy (./checkpoints, checkpoint_dir, $PID_CHECKPOINT_DIR, a local LDM folder)
                   or a complete copy in the Hugging Face cache;
-  would download  not here, fetched on first use from a public repo;
+  would download  not here, fetched on first use from a public repo (with its size);
   gated           not here, and the repo needs an accepted licence and `hf auth login` first;
   missing         not here and cannot be fetched now (HF_HUB_OFFLINE is set, or a local folder is
                   absent or EMPTY).
-Nothing is downloaded and the hub is never contacted (sizes are those of local copies). The exit status
+Nothing is downloaded. Sizes are those of local copies, and of what would download or is gated as the hub
+lists them: online, the hub is asked once per repo for its file list (metadata only; HF_HUB_OFFLINE=1, or
+an unreachable hub, asks nothing and leaves those sizes out). The exit status
 is 1 when a required Python piece is missing or when a file a listed backbone needs is missing (offline
 and not here); absent GPUs and optional modules are reported, not failed. The file logic lives in
 pid/preflight.py and also fills the CLIs' `--dry_run` JSON (`files`). The table fits 100 columns.

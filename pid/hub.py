@@ -298,3 +298,67 @@ def hub_folder(repo: str, folder: str, revision: str | None = None, command: str
             + (f"; download it with: {command or download_command(repo, folder, revision)}")
         )
     return path
+
+
+# Files `from_pretrained` fetches: weights as safetensors, configs and tokenizer files (not .bin / .msgpack /
+# .onnx / .gguf / .ckpt copies, images or docs).
+_LOADED_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".tiktoken", ".jinja")
+_VARIANT_INFIXES = (".fp16.", ".bf16.", ".fp32.", ".ema.", ".non_ema.")
+_SIZES: dict[tuple[str, str | None, str | None], int | None] = {}
+_SIZES_REACHABLE: list[bool] = []  # the one reachability answer of this process, once asked
+
+
+def loaded_files_size(files: dict[str, int | None]) -> int | None:
+    """Bytes a diffusers / transformers `from_pretrained` of a repo fetches, from its {path: size} listing:
+    a pipeline (model_index.json at the root) loads its sub-folders only, a model its root files; of either,
+    safetensors weights of the default variant, configs and tokenizer files. None when no size is known."""
+    pipeline = "model_index.json" in files
+    chosen = {}
+    for path, size in files.items():
+        folder, _, name = path.rpartition("/")
+        if (pipeline and not folder and name != "model_index.json") or (not pipeline and folder):
+            continue
+        if name.endswith(_LOADED_SUFFIXES) and size is not None:
+            chosen[path] = size
+    # a variant copy (diffusion_pytorch_model.fp16.safetensors) is fetched only when asked for: drop it where
+    # the same folder has default-variant weights
+    def variant(path: str) -> bool:
+        return any(infix in path for infix in _VARIANT_INFIXES)
+
+    plain = {p.rpartition("/")[0] for p in chosen if p.endswith(".safetensors") and not variant(p)}
+    sizes = [s for p, s in chosen.items() if not (variant(p) and p.rpartition("/")[0] in plain)]
+    return sum(sizes) if sizes else None
+
+
+def download_size(repo: str, path: str | None = None, revision: str | None = None) -> int | None:
+    """Bytes a first use would fetch from the hub: the file or folder `path` of `repo`, or (None) what
+    `from_pretrained` loads of the repo (`loaded_files_size`). Asked once per process and answer; None offline,
+    when the hub cannot be reached, or on any error (a size is a hint for the user, never a reason to fail)."""
+    key = (repo, path, revision)
+    if key in _SIZES:
+        return _SIZES[key]
+    if is_offline():
+        return None
+    if not _SIZES_REACHABLE:
+        _SIZES_REACHABLE.append(bool(any(os.environ.get(n) for n in _PROXY_VARIABLES) or hub_reachable()))
+    size = None
+    if _SIZES_REACHABLE[0]:
+        from huggingface_hub import HfApi
+        from huggingface_hub.hf_api import RepoFile
+
+        api = HfApi()
+        try:
+            if path is None:
+                info = api.model_info(repo, revision=revision, files_metadata=True)
+                size = loaded_files_size({s.rfilename: s.size for s in info.siblings or []})
+            else:
+                (entry,) = api.get_paths_info(repo, [path], revision=revision) or [None]
+                if isinstance(entry, RepoFile):
+                    size = entry.size
+                elif entry is not None:  # a folder
+                    size = sum(f.size for f in api.list_repo_tree(repo, path, recursive=True, revision=revision)
+                               if isinstance(f, RepoFile)) or None
+        except Exception:  # noqa: BLE001 - network, auth, a changed hub API: no size, the rest of the report stands
+            size = None
+    _SIZES[key] = size
+    return size

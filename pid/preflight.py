@@ -4,7 +4,8 @@ One list serves `verify_env.py` and both CLIs' `--dry_run` JSON (`files`). Every
 
   present         a local copy (./checkpoints, checkpoint_dir, $PID_CHECKPOINT_DIR, a local LDM folder)
                   or a complete copy in the Hugging Face cache; `size_bytes` is its size on disk;
-  would download  not here, fetched on first use from a public repo (size unknown: the hub is not asked);
+  would download  not here, fetched on first use from a public repo; `size_bytes` is what the hub lists for
+                  it (one question per repo, only when the hub can be reached; else null);
   gated           not here, and the repo needs an accepted licence (`licence` URL) and `hf auth login`;
   missing         not here and cannot be fetched now (HF_HUB_OFFLINE is set, or a local folder is absent or
                   EMPTY): `detail` holds the download command.
@@ -29,7 +30,7 @@ class FileStatus:
     what: str  # "PiD 2k", "VAE ae.safetensors", "Gemma <repo>", "LDM <repo or folder>", "encoder <repo>"
     status: str  # one of STATUSES ("n/a" where pid cannot tell)
     detail: str  # where it is, or the command that fetches it
-    size_bytes: int | None = None  # on disk, when present
+    size_bytes: int | None = None  # on disk when present; else to download, as the hub lists it (None: unknown)
     licence: str | None = None  # the page to accept, for gated repos
     needed: bool = True  # False for the backbone's other decoder types (listed, not required)
 
@@ -53,18 +54,23 @@ def _size(path: Path) -> int | None:
     return None
 
 
-def _unavailable(what: str, repo: str, gated: bool, offline: bool, command: str) -> FileStatus:
+def _unavailable(what: str, repo: str, gated: bool, offline: bool, command: str,
+                 hub_path: str | None = None, revision: str | None = None) -> FileStatus:
+    """Not here: missing (offline), gated or would download, with the download size the hub lists (the file or
+    folder `hub_path` of `repo`, else what `from_pretrained` loads of it) when it can be asked."""
     licence = f"https://huggingface.co/{repo}" if gated else None
     if offline:
         note = "gated repo; " if gated else ""
         return FileStatus(what, MISSING, f"not cached and HF_HUB_OFFLINE is set ({note}get it with: {command})",
                           licence=licence)
-    if gated:
-        from pid.hub import hub_token
+    from pid.hub import download_size, hub_token
 
+    size = download_size(repo, hub_path, revision)
+    if gated:
         login = "token found" if hub_token() else "no token: run `hf auth login`"
-        return FileStatus(what, GATED, f"accept the licence at {licence} ({login}); then: {command}", licence=licence)
-    return FileStatus(what, WOULD_DOWNLOAD, f"fetched on first use ({command})")
+        return FileStatus(what, GATED, f"accept the licence at {licence} ({login}); then: {command}", size,
+                          licence=licence)
+    return FileStatus(what, WOULD_DOWNLOAD, f"fetched on first use ({command})", size)
 
 
 def pid_file_status(what: str, hub_paths: tuple[str, ...], checkpoint_dir: str | None, offline: bool,
@@ -96,9 +102,9 @@ def pid_file_status(what: str, hub_paths: tuple[str, ...], checkpoint_dir: str |
         str(f / h) for f in search_folders(checkpoint_dir) for h in holders
         if str(h) != "." and (f / h).is_dir() and not _non_empty_dir(f / h)
     ]  # fmt: skip
-    found = _unavailable(what, HUB_REPO, False, offline, hub_download_command(hub_paths[0]))
+    found = _unavailable(what, HUB_REPO, False, offline, hub_download_command(hub_paths[0]), hub_paths[0])
     if empty:
-        return FileStatus(what, found.status, f"empty folder {empty[0]} ignored; {found.detail}")
+        return replace(found, detail=f"empty folder {empty[0]} ignored; {found.detail}")
     return found
 
 
@@ -134,11 +140,9 @@ def hf_model_status(what: str, repo: str, gated: bool, offline: bool, revision: 
             incomplete = _incomplete_pipeline(snapshot) if marker == "model_index.json" else []
             if not incomplete:
                 return FileStatus(what, PRESENT, f"HF cache: {snapshot}", _size(snapshot))
-            status = _unavailable(what, repo, gated, offline, command)
-            return FileStatus(what, status.status,
-                              f"HF cache copy is incomplete (no {', '.join(incomplete)}); {command}",
-                              licence=status.licence)
-    return _unavailable(what, repo, gated, offline, command)
+            status = _unavailable(what, repo, gated, offline, command, revision=revision)
+            return replace(status, detail=f"HF cache copy is incomplete (no {', '.join(incomplete)}); {command}")
+    return _unavailable(what, repo, gated, offline, command, revision=revision)
 
 
 def decoder_file_status(what: str, checkpoint: Mapping[str, Any], offline: bool) -> FileStatus:
@@ -148,7 +152,8 @@ def decoder_file_status(what: str, checkpoint: Mapping[str, Any], offline: bool)
         return FileStatus(what, PRESENT, str(local), _size(Path(local)))
     from pid.checkpoints import HUB_REPO
 
-    return _unavailable(what, HUB_REPO, False, offline, checkpoint.get("download_command") or "hf download nvidia/PiD")
+    return _unavailable(what, HUB_REPO, False, offline, checkpoint.get("download_command") or "hf download nvidia/PiD",
+                        checkpoint.get("hub_file"))
 
 
 def latent_space_files(backbone: str, checkpoint_dir: str | None, offline: bool) -> list[FileStatus]:

@@ -83,10 +83,133 @@ def test_dry_run_json_lists_the_files_of_the_command(hub_cache_env, tmp_path):
 
 
 def test_gated_ldm_online_names_its_licence(hub_cache_env, tmp_path):
-    env = dict(hub_cache_env, HF_HUB_OFFLINE="0")  # nothing contacts the hub either way
+    # online, but the endpoint is a closed local port: no size is known, nothing leaves the machine
+    env = dict(hub_cache_env, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9")
     done = run_module("pid.inference.from_ldm", "backbone=sd3", "prompt=a red fox", "--dry_run", cwd=tmp_path,
                       env=env)
     assert done.returncode == 0, done.stderr
     (ldm,) = [f for f in json.loads(done.stdout)["files"] if f["what"].startswith("LDM")]
     assert ldm["status"] == "gated"
     assert ldm["licence"] == "https://huggingface.co/stabilityai/stable-diffusion-3-medium-diffusers"
+
+
+# --- download sizes, asked of a hub on this machine's loopback (HF_ENDPOINT), as a user online would see them --
+
+GEMMA_FILES = {"config.json": 1_000, "model-00001-of-00002.safetensors": 4_000_000_000,
+               "model-00002-of-00002.safetensors": 1_000_000_000, "pytorch_model.bin": 9_000_000_000,
+               "README.md": 10, "gemma.gguf": 3_000_000_000}
+FLUX_LDM_FILES = {"model_index.json": 500, "flux1-dev.safetensors": 23_800_000_000, "ae.safetensors": 335_000_000,
+                  "transformer/diffusion_pytorch_model-00001-of-00002.safetensors": 10_000_000_000,
+                  "transformer/diffusion_pytorch_model-00002-of-00002.safetensors": 13_800_000_000,
+                  "transformer/diffusion_pytorch_model.fp16.safetensors": 11_900_000_000,
+                  "vae/diffusion_pytorch_model.safetensors": 168_000_000, "vae/config.json": 800,
+                  "text_encoder_2/model.safetensors": 9_500_000_000, "tokenizer/vocab.json": 1_000_000,
+                  "dev_grid.jpg": 1_000_000}
+# what from_pretrained fetches: the pipeline's folders (no root checkpoints, no fp16 copy, no image) / the model's
+# safetensors, config and tokenizer files at its root (no .bin, .gguf, README)
+FLUX_LDM_LOADED = 500 + 10_000_000_000 + 13_800_000_000 + 168_000_000 + 800 + 9_500_000_000 + 1_000_000
+GEMMA_LOADED = 1_000 + 4_000_000_000 + 1_000_000_000
+
+
+def _pid_file_size(path: str) -> int:
+    return 2_000_000_000 + len(path)  # a distinct size per nvidia/PiD file
+
+
+class _FakeHub:
+    """The three hub API calls the preflight makes (model info with file sizes, paths-info, tree), served from
+    fixed listings on 127.0.0.1; every request is recorded."""
+
+    def __init__(self):
+        import http.server
+        import threading
+        from urllib.parse import parse_qs, unquote, urlsplit
+
+        hub = self
+        self.requests: list[str] = []
+        listings = {GEMMA: GEMMA_FILES, FLUX_LDM: FLUX_LDM_FILES}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _reply(self, body) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):  # /api/models/<org>/<name>[/revision/<rev>]
+                hub.requests.append(f"GET {self.path}")
+                parts = unquote(urlsplit(self.path).path).split("/")[3:]
+                repo = "/".join(parts[:2])
+                if repo in listings and (len(parts) == 2 or parts[2] == "revision"):
+                    siblings = [{"rfilename": p, "size": s} for p, s in listings[repo].items()]
+                    return self._reply({"id": repo, "siblings": siblings})
+                self._reply(None)
+
+            def do_POST(self):  # /api/models/nvidia/PiD/paths-info/<rev>, paths form-encoded
+                hub.requests.append(f"POST {self.path}")
+                length = int(self.headers.get("Content-Length") or 0)
+                paths = parse_qs(self.rfile.read(length).decode()).get("paths", [])
+                if "/api/models/nvidia/PiD/paths-info/" not in self.path:
+                    return self._reply(None)
+                self._reply([{"type": "file", "path": p, "size": _pid_file_size(p), "oid": "0" * 40} for p in paths])
+
+            def log_message(self, *args):  # quiet
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def env(self, base: dict[str, str], tmp_path: Path, offline: str) -> dict[str, str]:
+        """An empty hub cache, this hub as the endpoint, no proxy."""
+        (tmp_path / "empty_cache").mkdir(exist_ok=True)
+        env = {k: v for k, v in base.items() if "proxy" not in k.lower()}
+        return dict(env, HF_HUB_CACHE=str(tmp_path / "empty_cache"), HF_ENDPOINT=self.endpoint, HF_HUB_OFFLINE=offline,
+                    NO_PROXY="127.0.0.1,localhost")
+
+
+def test_loaded_files_size_counts_what_from_pretrained_fetches():
+    from pid.hub import loaded_files_size
+
+    assert loaded_files_size(FLUX_LDM_FILES) == FLUX_LDM_LOADED
+    assert loaded_files_size(GEMMA_FILES) == GEMMA_LOADED
+    # a folder with only a variant keeps it; no listed size -> unknown
+    assert loaded_files_size({"model_index.json": 1, "unet/model.fp16.safetensors": 7}) == 8
+    assert loaded_files_size({"README.md": 5, "model.safetensors": None}) is None
+
+
+def test_online_the_dry_run_and_verify_env_give_the_download_size_and_offline_ask_nothing(hub_cache_env, tmp_path):
+    from pid.checkpoints import default_ckpt_type, lookup
+    from pid.preflight import describe_size
+
+    hub = _FakeHub()
+    try:
+        online = hub.env(hub_cache_env, tmp_path, offline="0")
+        done = run_module("pid.inference.from_ldm", "backbone=flux", "prompt=a red fox", "--dry_run",
+                          cwd=tmp_path, env=online)
+        assert done.returncode == 0, done.stderr
+        files = {f["what"]: f for f in json.loads(done.stdout)["files"]}
+        decoder = lookup("flux", default_ckpt_type("flux"))
+        assert files["PiD decoder"]["status"] == "would download"
+        assert files["PiD decoder"]["size_bytes"] == _pid_file_size(decoder.hub_path)
+        assert files["VAE/RAE ae.safetensors"]["size_bytes"] == _pid_file_size("checkpoints/ae.safetensors")
+        assert files[f"Gemma {GEMMA}"]["size_bytes"] == GEMMA_LOADED
+        assert files[f"LDM {FLUX_LDM}"]["status"] == "gated"  # FLUX.1-dev: licence first, and its size
+        assert files[f"LDM {FLUX_LDM}"]["size_bytes"] == FLUX_LDM_LOADED
+
+        proc = _verify(online, tmp_path, "--backbone", "flux")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        ldm_line = next(line for line in proc.stdout.splitlines() if line.startswith("gated"))
+        assert f"[{describe_size(FLUX_LDM_LOADED)}]" in proc.stdout, ldm_line
+        assert f"[{describe_size(GEMMA_LOADED)}]" in proc.stdout
+        assert max(map(len, proc.stdout.splitlines())) <= 100
+
+        asked = len(hub.requests)
+        offline = run_module("pid.inference.from_ldm", "backbone=flux", "prompt=a red fox", "--dry_run",
+                             cwd=tmp_path, env=hub.env(hub_cache_env, tmp_path, offline="1"))
+        assert offline.returncode == 0, offline.stderr
+        assert {f["size_bytes"] for f in json.loads(offline.stdout)["files"]} == {None}
+        assert len(hub.requests) == asked  # HF_HUB_OFFLINE=1: the hub is not asked
+    finally:
+        hub.server.shutdown()
