@@ -150,9 +150,12 @@ def test_fake_score_phase_matches_reference():
     assert_close(out["dsm"], g["outputs"]["dsm_loss"])
     assert_close(out["dsm"], t["it61_loss_io::denoising_score_matching_loss_flow_out"][0])
     assert_close(out["gan_disc"], g["outputs"]["gan_loss_disc"])
-    # R1 is the mean square of two nearly equal logits' difference: fp32 rounding of the logits
-    # (~1e-8) shows up at ~2e-5 relative, hence 1e-4 here and for the discriminator's grad norm.
-    assert_close(out["r1"], g["outputs"]["gan_loss_r1"], rel=1e-4)
+    # R1 is the mean square of d, the difference of two nearly equal fp32 logits (|d| ~ 7e-3, logits ~ 0.2), so
+    # its relative error is that of the logits over |d|: 2e-5 to 2e-4 depending on the CPU's kernels. Held to
+    # what the logits' own agreement (1e-5 of their scale, tested below) implies: |dR1| <= 2 sqrt(R1) e + e^2.
+    logit_error = 1e-5 * float(t["it61_loss_io::gan_loss_discriminator_arg0"].abs().max())
+    r1_golden = g["outputs"]["gan_loss_r1"]
+    assert abs(float(out["r1"]) - r1_golden) <= 2 * r1_golden**0.5 * logit_error + logit_error**2
     assert_close(out["total"], g["total_loss(backward)"])
     out["total"].backward()
     norms = g["grad_global_l2_norms"]
