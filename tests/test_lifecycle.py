@@ -3,6 +3,7 @@ line, no network, failed starts, torchrun exit codes, and quiet library use (no 
 left in the temp folder)."""
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -275,3 +276,54 @@ def test_remove_empty_tree_keeps_any_file(tmp_path):
     assert not lifecycle.remove_empty_tree(tmp_path / "b") and (tmp_path / "b" / "records" / "x.json").is_file()
     assert lifecycle.first_missing(tmp_path / "c" / "d") == tmp_path / "c"
     assert lifecycle.first_missing(tmp_path) is None
+
+
+def _cli_imports(module: str, args: list[str], env: dict[str, str], cwd: Path) -> dict[str, object]:
+    """Run `python -m module args` as the process's own CLI and report its exit code and which model libraries
+    it imported."""
+    code = ("import json, runpy, sys\n"
+            f"sys.argv = [{module!r}, *{args!r}]\n"
+            "try:\n"
+            f"    runpy.run_module({module!r}, run_name='__main__')\n"
+            "except SystemExit as exc:\n"
+            "    code = exc.code\n"
+            "print(json.dumps({'code': code, 'imported': sorted({'diffusers', 'transformers'} & set(sys.modules))}))\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True,
+                          encoding="utf-8", timeout=300)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_dry_runs_and_bad_settings_import_no_model_library(hub_cache_env, tmp_path):
+    """Quieting diffusers / transformers must not import them: a dry run or a one-line refusal loads no model
+    library (importing diffusers' utilities alone costs about a second)."""
+    manifest = str(REPO / "assets" / "clean_image_manifest.jsonl")
+    cases = [("pid.inference.from_clean", ["backbone=flux", f"manifest={manifest}", "--dry_run"], 0),
+             ("pid.inference.from_clean", ["backbone=flux", f"manifest={manifest}", "scale=0"], 2),
+             ("pid.inference.from_ldm", ["backbone=zimage-turbo", "prompt=a red fox", "--dry_run"], 0),
+             ("pid.train", ["data=/nonexistent", "--dry_run"], 2)]
+    for module, args, expected in cases:
+        found = _cli_imports(module, args, hub_cache_env, tmp_path)
+        assert found == {"code": expected, "imported": []}, (module, args, found)
+
+
+def test_a_cli_run_quiets_the_model_libraries_once_it_starts(tmp_path):
+    code = ("import json, os, sys\n"
+            "from pid.inference import lifecycle\n"
+            "lifecycle.configure_cli_logging(debug=sys.argv[1] == 'debug')\n"
+            "before = sorted({'diffusers', 'transformers'} & set(sys.modules))\n"
+            "lifecycle.quiet_libraries_for_run()\n"
+            "import diffusers.utils.logging as d, transformers.utils.logging as t\n"
+            "print(json.dumps({'before': before, 'env': os.environ.get('TRANSFORMERS_VERBOSITY'),\n"
+            "                  'levels': [d.get_verbosity(), t.get_verbosity()],\n"
+            "                  'bars': [d.is_progress_bar_enabled(), t.is_progress_bar_enabled()]}))\n")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_VERBOSITY")}
+    runs = {}
+    for mode in ("quiet", "debug"):
+        done = subprocess.run([sys.executable, "-c", code, mode], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    error = logging.ERROR
+    assert runs["quiet"] == {"before": [], "env": "error", "levels": [error, error], "bars": [False, False]}
+    assert runs["debug"]["env"] is None and runs["debug"]["bars"] == [True, True]
+    assert error not in runs["debug"]["levels"]

@@ -695,6 +695,7 @@ def plan_or_run(command: Command, plan_run: Callable[[Settings], Any], run: Call
         print_plan(plan.describe(rank, world))
         return EXIT_OK
     go_offline_if_unreachable()  # once, before the first download: no per-file retries without a network
+    lifecycle.quiet_libraries_for_run()
     created = lifecycle.first_missing(plan.out_dir)
     try:
         code = int(run(command.settings, plan=plan).get("exit_code", EXIT_OK))

@@ -4,7 +4,7 @@ Shared by both entry points through `pid.inference.cli.run_cli` / `plan_or_run`:
 
 - Logging: when the CLI owns the process, one stderr sink at INFO (DEBUG with `debug=true`), never with
   loguru's `diagnose` (it prints local variable values — prompts, tokens — inside tracebacks); diffusers /
-  transformers chatter and loading bars off unless `debug=true`.
+  transformers chatter and loading bars off unless `debug=true` (without importing them before a run starts).
 - A failed item is one line (`report_item_failure`); its traceback only with `debug=true`.
 - SIGINT and SIGTERM (Ctrl-C, Slurm preemption, torchrun stopping its workers) raise `Interrupted` once;
   a second signal while stopping is ignored, so cleanup cannot be cut short. Exit code 128 + signal:
@@ -97,12 +97,31 @@ def stop_signals(state: StopState, restore: bool = True) -> Iterator[StopState]:
 # Logging
 
 
+# Whether this process's CLI asked for quiet model libraries (set by configure_cli_logging).
+_QUIET_LIBRARIES = False
+_VERBOSITY_VARIABLES = ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY")
+
+
 def configure_cli_logging(debug: bool) -> None:
     """The process's log output for a CLI run: replaces loguru's sinks (call only when the CLI owns the
-    process) and quiets the libraries that load models."""
+    process) and quiets the libraries that load models. Those are not imported here (diffusers' utilities
+    pull in torch._dynamo: a second of every dry run and bad-input error): their verbosity variables, read when
+    they are imported, say errors only, and `quiet_libraries_for_run()` finishes the job once a run starts."""
+    global _QUIET_LIBRARIES
     logger.remove()
     logger.add(sys.stderr, level="DEBUG" if debug else "INFO", backtrace=debug, diagnose=False)
+    _QUIET_LIBRARIES = not debug
     if not debug:
+        for name in _VERBOSITY_VARIABLES:
+            os.environ[name] = "error"
+        if "diffusers" in sys.modules or "transformers" in sys.modules:
+            quiet_model_libraries()
+
+
+def quiet_libraries_for_run() -> None:
+    """At the start of a run (after the plan, which a dry run prints and stops at): the model libraries' loading
+    bars off too, when the CLI asked for quiet libraries."""
+    if _QUIET_LIBRARIES:
         quiet_model_libraries()
 
 

@@ -34,8 +34,10 @@ def _main(command: Command) -> int:
     if command.dry_run:
         print_plan(plan.describe(rank, world))
         return 0
+    from pid.inference import lifecycle
     from pid.train.run import run
 
+    lifecycle.quiet_libraries_for_run()
     try:
         return run(plan)
     finally:
