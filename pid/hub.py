@@ -304,8 +304,12 @@ def hub_folder(repo: str, folder: str, revision: str | None = None, command: str
 # .onnx / .gguf / .ckpt copies, images or docs).
 _LOADED_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".tiktoken", ".jinja")
 _VARIANT_INFIXES = (".fp16.", ".bf16.", ".fp32.", ".ema.", ".non_ema.")
-_SIZES: dict[tuple[str, str | None, str | None], int | None] = {}
-_SIZES_REACHABLE: list[bool] = []  # the one reachability answer of this process, once asked
+_LISTINGS: dict[tuple[str, str | None], dict[str, int | None] | None] = {}
+_LISTINGS_REACHABLE: list[bool] = []  # the one reachability answer of this process, once asked
+
+
+def _is_variant(path: str) -> bool:
+    return any(infix in path for infix in _VARIANT_INFIXES)
 
 
 def loaded_files_size(files: dict[str, int | None]) -> int | None:
@@ -320,45 +324,46 @@ def loaded_files_size(files: dict[str, int | None]) -> int | None:
             continue
         if name.endswith(_LOADED_SUFFIXES) and size is not None:
             chosen[path] = size
-    # a variant copy (diffusion_pytorch_model.fp16.safetensors) is fetched only when asked for: drop it where
-    # the same folder has default-variant weights
-    def variant(path: str) -> bool:
-        return any(infix in path for infix in _VARIANT_INFIXES)
-
-    plain = {p.rpartition("/")[0] for p in chosen if p.endswith(".safetensors") and not variant(p)}
-    sizes = [s for p, s in chosen.items() if not (variant(p) and p.rpartition("/")[0] in plain)]
+    # a variant copy (diffusion_pytorch_model.fp16.safetensors) is fetched only when asked for: it does not count
+    # where its folder has default-variant weights
+    plain = {p.rpartition("/")[0] for p in chosen if p.endswith(".safetensors") and not _is_variant(p)}
+    sizes = [s for p, s in chosen.items() if not (_is_variant(p) and p.rpartition("/")[0] in plain)]
     return sum(sizes) if sizes else None
+
+
+def hub_listing(repo: str, revision: str | None = None) -> dict[str, int | None] | None:
+    """{path: size} of every file of a model repo, as the hub lists them: one metadata request per repo and
+    process. None offline, when the hub cannot be reached, or on any error (sizes are a hint for the user,
+    never a reason to fail)."""
+    key = (repo, revision)
+    if key in _LISTINGS:
+        return _LISTINGS[key]
+    if is_offline():
+        return None
+    if not _LISTINGS_REACHABLE:
+        _LISTINGS_REACHABLE.append(bool(any(os.environ.get(n) for n in _PROXY_VARIABLES) or hub_reachable()))
+    listing = None
+    if _LISTINGS_REACHABLE[0]:
+        from huggingface_hub import HfApi
+
+        try:
+            info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+            listing = {sibling.rfilename: sibling.size for sibling in info.siblings or []}
+        except Exception:  # noqa: BLE001 - network, auth, a changed hub API: no sizes, the rest of the report stands
+            listing = None
+    _LISTINGS[key] = listing
+    return listing
 
 
 def download_size(repo: str, path: str | None = None, revision: str | None = None) -> int | None:
     """Bytes a first use would fetch from the hub: the file or folder `path` of `repo`, or (None) what
-    `from_pretrained` loads of the repo (`loaded_files_size`). Asked once per process and answer; None offline,
-    when the hub cannot be reached, or on any error (a size is a hint for the user, never a reason to fail)."""
-    key = (repo, path, revision)
-    if key in _SIZES:
-        return _SIZES[key]
-    if is_offline():
+    `from_pretrained` loads of the repo (`loaded_files_size`). None where the hub's listing is not to be had."""
+    files = hub_listing(repo, revision)
+    if files is None:
         return None
-    if not _SIZES_REACHABLE:
-        _SIZES_REACHABLE.append(bool(any(os.environ.get(n) for n in _PROXY_VARIABLES) or hub_reachable()))
-    size = None
-    if _SIZES_REACHABLE[0]:
-        from huggingface_hub import HfApi
-        from huggingface_hub.hf_api import RepoFile
-
-        api = HfApi()
-        try:
-            if path is None:
-                info = api.model_info(repo, revision=revision, files_metadata=True)
-                size = loaded_files_size({s.rfilename: s.size for s in info.siblings or []})
-            else:
-                (entry,) = api.get_paths_info(repo, [path], revision=revision) or [None]
-                if isinstance(entry, RepoFile):
-                    size = entry.size
-                elif entry is not None:  # a folder
-                    size = sum(f.size for f in api.list_repo_tree(repo, path, recursive=True, revision=revision)
-                               if isinstance(f, RepoFile)) or None
-        except Exception:  # noqa: BLE001 - network, auth, a changed hub API: no size, the rest of the report stands
-            size = None
-    _SIZES[key] = size
-    return size
+    if path is None:
+        return loaded_files_size(files)
+    if path in files:
+        return files[path]
+    inside = [size for name, size in files.items() if name.startswith(path.rstrip("/") + "/") and size is not None]
+    return sum(inside) if inside else None

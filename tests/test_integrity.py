@@ -295,8 +295,8 @@ def test_full_disk_ends_as_one_line_per_item_and_exit_1(hub_cache_env, tmp_path)
     with _mounted(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], target=disk):
         done = _cli(hub_cache_env, tmp_path, LDM, *TINY, "prompt_file=p.txt", f"output_dir={disk}", _ldm_kwargs())
     assert done.returncode == 1, done.stderr[-3000:]
-    # (the debug-level traceback loguru still prints per failed item is issue 16 point 6, not checked here)
     assert done.stdout.count("FAILED [") == 2 and "no space left on the device" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr  # one line per item, no traceback without debug=true
     assert "failed                   2" in done.stdout
 
 

@@ -115,18 +115,26 @@ def _pid_file_size(path: str) -> int:
     return 2_000_000_000 + len(path)  # a distinct size per nvidia/PiD file
 
 
+def _pid_files() -> dict[str, int]:
+    """nvidia/PiD as listed by the hub: the flux decoders, the FLUX.1 VAE and a README."""
+    from pid.checkpoints import ckpt_types, lookup
+
+    paths = [p for t in ckpt_types("flux") for p in lookup("flux", t).hub_paths] + ["checkpoints/ae.safetensors"]
+    return {**{p: _pid_file_size(p) for p in paths}, "README.md": 100}
+
+
 class _FakeHub:
-    """The three hub API calls the preflight makes (model info with file sizes, paths-info, tree), served from
-    fixed listings on 127.0.0.1; every request is recorded."""
+    """The hub API call the preflight makes (a repo's model info with its file sizes), served from fixed
+    listings on 127.0.0.1; every request is recorded."""
 
     def __init__(self):
         import http.server
         import threading
-        from urllib.parse import parse_qs, unquote, urlsplit
+        from urllib.parse import unquote, urlsplit
 
         hub = self
         self.requests: list[str] = []
-        listings = {GEMMA: GEMMA_FILES, FLUX_LDM: FLUX_LDM_FILES}
+        listings = {GEMMA: GEMMA_FILES, FLUX_LDM: FLUX_LDM_FILES, hub_cache.PID_REPO: _pid_files()}
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def _reply(self, body) -> None:
@@ -145,14 +153,6 @@ class _FakeHub:
                     siblings = [{"rfilename": p, "size": s} for p, s in listings[repo].items()]
                     return self._reply({"id": repo, "siblings": siblings})
                 self._reply(None)
-
-            def do_POST(self):  # /api/models/nvidia/PiD/paths-info/<rev>, paths form-encoded
-                hub.requests.append(f"POST {self.path}")
-                length = int(self.headers.get("Content-Length") or 0)
-                paths = parse_qs(self.rfile.read(length).decode()).get("paths", [])
-                if "/api/models/nvidia/PiD/paths-info/" not in self.path:
-                    return self._reply(None)
-                self._reply([{"type": "file", "path": p, "size": _pid_file_size(p), "oid": "0" * 40} for p in paths])
 
             def log_message(self, *args):  # quiet
                 pass
@@ -211,5 +211,6 @@ def test_online_the_dry_run_and_verify_env_give_the_download_size_and_offline_as
         assert offline.returncode == 0, offline.stderr
         assert {f["size_bytes"] for f in json.loads(offline.stdout)["files"]} == {None}
         assert len(hub.requests) == asked  # HF_HUB_OFFLINE=1: the hub is not asked
+        assert len(hub.requests) == 2 * 3  # one question per repo and run (nvidia/PiD, Gemma-2, FLUX.1-dev)
     finally:
         hub.server.shutdown()
