@@ -312,6 +312,23 @@ def test_read_only_run_folder_is_refused_untouched(ldm_run, hub_cache_env):
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), PermissionError(13, "Permission denied"),
+                                   IsADirectoryError(21, "Is a directory")])
+def test_an_end_of_run_file_that_cannot_be_written_is_one_error_line(error, capsys):
+    """When even failures.jsonl / summary.json cannot be written (point 5), the run says so in one line and goes
+    on to print the rest of its summary; the caller turns the returned line into a failing exit code."""
+    from pid.inference import runs
+
+    def write() -> None:
+        raise error
+
+    line = runs.try_write("failures.jsonl", write)
+    err = capsys.readouterr().err
+    assert line is not None and line.startswith("could not write failures.jsonl: ")
+    assert err == f"error: {line}\n" and "Traceback" not in err
+    assert runs.try_write("summary.json", lambda: None) is None
+
+
 def test_an_unexpected_exception_ends_only_its_item(tmp_path):
     from test_from_ldm import tiny_pid
     from test_front_door import _tiny_settings
