@@ -347,7 +347,7 @@ def hub_listing(repo: str, revision: str | None = None) -> dict[str, int | None]
         from huggingface_hub import HfApi
 
         try:
-            info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+            info = HfApi().model_info(repo, revision=revision, files_metadata=True, timeout=10)
             listing = {sibling.rfilename: sibling.size for sibling in info.siblings or []}
         except Exception:  # noqa: BLE001 - network, auth, a changed hub API: no sizes, the rest of the report stands
             listing = None
