@@ -24,6 +24,7 @@ environment by hand.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Iterator
@@ -99,6 +100,12 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def hub_may_answer(timeout: float = 3.0) -> bool:
+    """Whether asking the hub can work: a proxy is set (a direct connection says nothing there) or the endpoint
+    accepts a TCP connection within `timeout` seconds."""
+    return any(os.environ.get(name) for name in _PROXY_VARIABLES) or hub_reachable(timeout)
+
+
 def go_offline_if_unreachable(timeout: float = 3.0) -> bool:
     """True when this process works from the local cache only: HF_HUB_OFFLINE was set, or the hub cannot be
     reached now, in which case offline mode is switched on for the rest of the process (so no library retries
@@ -106,7 +113,7 @@ def go_offline_if_unreachable(timeout: float = 3.0) -> bool:
     global _UNREACHABLE_HOST
     if is_offline():
         return True
-    if any(os.environ.get(name) for name in _PROXY_VARIABLES) or hub_reachable(timeout):
+    if hub_may_answer(timeout):
         return False
     from huggingface_hub import constants
     from loguru import logger
@@ -304,8 +311,6 @@ def hub_folder(repo: str, folder: str, revision: str | None = None, command: str
 # .onnx / .gguf / .ckpt copies, images or docs).
 _LOADED_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".tiktoken", ".jinja")
 _VARIANT_INFIXES = (".fp16.", ".bf16.", ".fp32.", ".ema.", ".non_ema.")
-_LISTINGS: dict[tuple[str, str | None], dict[str, int | None] | None] = {}
-_LISTINGS_REACHABLE: list[bool] = []  # the one reachability answer of this process, once asked
 
 
 def _is_variant(path: str) -> bool:
@@ -331,28 +336,30 @@ def loaded_files_size(files: dict[str, int | None]) -> int | None:
     return sum(sizes) if sizes else None
 
 
+@functools.cache
+def _hub_answers_listings() -> bool:
+    """One reachability probe per process for the listings (a dry run lists many repos)."""
+    return hub_may_answer()
+
+
 def hub_listing(repo: str, revision: str | None = None) -> dict[str, int | None] | None:
     """{path: size} of every file of a model repo, as the hub lists them: one metadata request per repo and
     process. None offline, when the hub cannot be reached, or on any error (sizes are a hint for the user,
     never a reason to fail)."""
-    key = (repo, revision)
-    if key in _LISTINGS:
-        return _LISTINGS[key]
-    if is_offline():
+    if is_offline() or not _hub_answers_listings():
         return None
-    if not _LISTINGS_REACHABLE:
-        _LISTINGS_REACHABLE.append(bool(any(os.environ.get(n) for n in _PROXY_VARIABLES) or hub_reachable()))
-    listing = None
-    if _LISTINGS_REACHABLE[0]:
-        from huggingface_hub import HfApi
+    return _ask_listing(repo, revision)
 
-        try:
-            info = HfApi().model_info(repo, revision=revision, files_metadata=True, timeout=10)
-            listing = {sibling.rfilename: sibling.size for sibling in info.siblings or []}
-        except Exception:  # noqa: BLE001 - network, auth, a changed hub API: no sizes, the rest of the report stands
-            listing = None
-    _LISTINGS[key] = listing
-    return listing
+
+@functools.cache
+def _ask_listing(repo: str, revision: str | None) -> dict[str, int | None] | None:
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi().model_info(repo, revision=revision, files_metadata=True, timeout=10)
+    except Exception:  # noqa: BLE001 - network, auth, a changed hub API: no sizes, the rest of the report stands
+        return None
+    return {sibling.rfilename: sibling.size for sibling in info.siblings or []}
 
 
 def download_size(repo: str, path: str | None = None, revision: str | None = None) -> int | None:
