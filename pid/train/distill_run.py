@@ -128,17 +128,11 @@ def negative_prompt_embeds(plan: TrainPlan, encoders: Encoders, device: torch.de
 
 
 def open_distill_validation(plan: TrainPlan, step_module: DistillStep, encoders: Encoders, null_embeds: Tensor,
-                            source: str, device: torch.device, rank: int) -> DistillValidator | None:
-    """The student's validator on rank 0 when `val_manifest=` is set: the held-out set encoded once (with a
-    prepare cache the VAE and Gemma-2 are loaded for this only, then dropped); the teacher's reference decodes
-    wait for the first validation."""
-    if plan.val is None or rank != 0:
-        return None
-    from torch.distributed.tensor import DTensor
-
-    if any(isinstance(p, DTensor) for p in step_module.student.parameters()):
-        logger.warning("validation is not run on a sharded (FSDP2) student; export a checkpoint and score it "
-                       "with from_clean")
+                            source: str, device: torch.device) -> DistillValidator | None:
+    """The student's validator when `val_manifest=` is set (on every rank: each decodes its share of the set):
+    the held-out set encoded once (with a prepare cache the VAE and Gemma-2 are loaded for this only, then
+    dropped); the teacher's reference decodes wait for the first validation."""
+    if plan.val is None:
         return None
     from pid.training.distill_validation import open_distill_validator
 
@@ -188,7 +182,7 @@ def run_distill(plan: TrainPlan, encoders: Encoders | None = None, data: Any = N
                         caption_dropout=plan.caption_dropout, seed=plan.seed, ckpt_every=plan.ckpt_every,
                         log_every=plan.log_every)
 
-    validator = open_distill_validation(plan, step_module, encoders, null_embeds, str(source), device, env.rank)
+    validator = open_distill_validation(plan, step_module, encoders, null_embeds, str(source), device)
 
     def on_log(record: dict[str, Any]) -> None:
         skip_log = getattr(data, "skip_log", None)
@@ -209,7 +203,8 @@ def run_distill(plan: TrainPlan, encoders: Encoders | None = None, data: Any = N
         progress(current)
         if validator is not None and (current.step % validator.cfg.every == 0 or current.step == plan.steps):
             validator(current.step, step_module.student, current.ema, step_module.teacher)
-            update_training_report(run_dir, final=True)
+            if env.rank == 0:
+                update_training_report(run_dir, final=True)
 
     try:
         status = distill_loop(cfg, state, data, encoders, null_embeds, device, env.rank, env.world_size,

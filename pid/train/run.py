@@ -254,7 +254,7 @@ def run(plan: TrainPlan, encoders: Encoders | None = None, data: Any = None) -> 
         # a prepare cache carries the latents and caption embeddings: neither the VAE nor Gemma-2 is loaded
         cached = plan.data.format == "prepare cache"
         encoders = Encoders(None, None) if cached else load_encoders(plan, device)
-    validator = open_validation(plan, net, encoders, device, env.rank) if not finished else None
+    validator = open_validation(plan, net, encoders, device) if not finished else None
     resume = latest_checkpoint(run_dir)
     if resume is not None:
         data.load_state_dict(load_checkpoint(resume, state))
@@ -287,7 +287,8 @@ def run(plan: TrainPlan, encoders: Encoders | None = None, data: Any = None) -> 
         progress(current)
         if validator is not None and (current.step % validator.cfg.every == 0 or current.step == plan.steps):
             validator(current.step, net, current.ema)
-            update_training_report(run_dir, final=True)
+            if env.rank == 0:
+                update_training_report(run_dir, final=True)
 
     try:
         status = train_loop(cfg, state, data, encoders, device, env.rank, env.world_size, on_log=on_log,
@@ -306,16 +307,11 @@ def run(plan: TrainPlan, encoders: Encoders | None = None, data: Any = None) -> 
     return EXIT_OK
 
 
-def open_validation(plan: TrainPlan, net: PiDNet, encoders: Encoders, device: torch.device,
-                    rank: int) -> Validator | None:
-    """The validator on rank 0 when `val_manifest=` is set: the held-out set encoded once, the init's scores
-    made (the net still holds the init weights) or read from the run folder. With a prepare cache the VAE and
-    Gemma-2 are loaded for this only, then dropped."""
-    if plan.val is None or rank != 0:
-        return None
-    if plan.mode == "full" and dist.get_world_size() > 1:
-        logger.warning("validation is not run with mode=full on several processes (FSDP2 shards the weights); "
-                       "export a checkpoint and score it with from_clean")
+def open_validation(plan: TrainPlan, net: PiDNet, encoders: Encoders, device: torch.device) -> Validator | None:
+    """The validator when `val_manifest=` is set (on every rank: each decodes its share of the set): the
+    held-out set encoded once, the init's scores made (the net still holds the init weights) or read from the
+    run folder. With a prepare cache the VAE and Gemma-2 are loaded for this only, then dropped."""
+    if plan.val is None:
         return None
     from pid.training.validation import open_validator
 

@@ -9,7 +9,8 @@ CIEDE2000 come from `pid.metrics`, as in from_clean.
 The held-out set is encoded once when the run starts (so with a prepare cache, the VAE and Gemma-2 can be
 dropped again). The init's scores are computed once, before the first step, and cached in `val/init.json`;
 every validation appends one line per σ to `val.jsonl` and saves the first `images` decodes under
-`val/step_XXXXXXXXX/`. Runs on rank 0; the EMA weights are swapped into the network (no copy) and back.
+`val/step_XXXXXXXXX/`. On one process the EMA weights are swapped into the network (no copy) and back; on
+several, every rank decodes its share of the set and rank 0 writes the records (`pid.training.val_ranks`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from pid.inference.io import read_manifest, unit_to_uint8, write_image
 from pid.metrics import summarize
 from pid.training.degradation import DOWNSCALE, downsample
 from pid.training.schedules import dynamic_shift
+from pid.training.val_ranks import ValRanks, ema_weights, on_device, scored_weights
 
 VAL_FILE = "val.jsonl"
 VAL_DIR = "val"
@@ -59,6 +60,7 @@ class ValItem:
     target: Tensor  # [1, 3, H, W] in [0, 1], CPU
     latents: dict[float, Tensor]  # sigma -> the (noised) normalised latent of downsample(image), on the device
     caption_embeds: Tensor  # [1, L, D], on the device
+    position: int = -1  # its place among the readable images of the whole set: its decode seed, its order
 
 
 def val_multiple(latent_downsample: int, patch_size: int) -> int:
@@ -68,12 +70,16 @@ def val_multiple(latent_downsample: int, patch_size: int) -> int:
 
 
 def load_val_items(cfg: ValConfig, multiple: int, encode_lq: Callable[[Tensor], Tensor],
-                   encode_captions: Callable[[Sequence[str]], Tensor], device: torch.device) -> list[ValItem]:
-    """Read, crop and encode every held-out image once (an unreadable image is skipped with a warning)."""
+                   encode_captions: Callable[[Sequence[str]], Tensor], device: torch.device,
+                   ranks: ValRanks = ValRanks()) -> tuple[list[ValItem], list[str]]:
+    """Read, crop and encode this rank's held-out images once (an unreadable image is skipped with a
+    warning); returns them and the ids of the readable images of the whole set, in manifest order."""
     from pid.inference.io import load_image
 
     items = []
     for index, entry in enumerate(read_manifest(cfg.manifest)):
+        if not ranks.mine(index):
+            continue
         try:
             image = load_image(entry.image, multiple=multiple, max_side=cfg.resolution)  # [1,3,H,W] in [-1,1]
         except Exception as exc:  # noqa: BLE001 - one bad held-out image must not end a training run
@@ -86,8 +92,11 @@ def load_val_items(cfg: ValConfig, multiple: int, encode_lq: Callable[[Tensor], 
         eps = torch.randn(clean.shape, generator=generator).to(device)  # the same ε at every σ
         latents = {s: clean if s == 0 else (1.0 - s) * clean + s * eps for s in cfg.sigmas}
         items.append(ValItem(f"{index:03d}_{entry.image.stem}", entry.prompt or "", ((image + 1) / 2).clamp(0, 1),
-                             latents, embeds))
-    return items
+                             latents, embeds, position=index))
+    readable = [item_id for _, item_id in ranks.gather([(item.position, item.item_id) for item in items])]
+    for item in items:  # from manifest index to place among the readable images (they differ after a skip)
+        item.position = readable.index(item.item_id)
+    return items, readable
 
 
 class NegativeCaption:
@@ -116,96 +125,98 @@ def undistilled_decoder(net: nn.Module, backbone: str, null_embeds: Tensor) -> A
     return PiDDecoder(net, record, NegativeCaption(null_embeds))  # sets eval mode; the callers restore it
 
 
-def decode_item(decoder: Any, item: ValItem, sigma: float, cfg: ValConfig, index: int) -> Tensor:
-    """One validation decode, [1, 3, H, W] in [0, 1] on the CPU: the training's shift at this size, the start
-    noise seeded per image."""
+def decode_item(decoder: Any, item: ValItem, sigma: float, cfg: ValConfig, steps: int | None = None) -> Tensor:
+    """One undistilled validation decode, [1, 3, H, W] in [0, 1] on the CPU: the training's shift at this size,
+    the start noise seeded per image, `steps` (default `cfg.steps`) DPM-Solver++ steps with text CFG."""
     size = tuple(item.target.shape[-2:])
     return decoder.decode(item.latents[sigma], caption_embeds=item.caption_embeds, degrade_sigma=sigma,
-                          steps=cfg.steps, seed=cfg.seed + index, output_size=size, cfg_scale=cfg.cfg_scale,
-                          shift=dynamic_shift(*size)).cpu()
+                          steps=steps or cfg.steps, seed=cfg.seed + item.position, output_size=size,
+                          cfg_scale=cfg.cfg_scale, shift=dynamic_shift(*size)).cpu()
 
 
-def mean_scores(rows: Sequence[dict[str, float]]) -> dict[str, float]:
-    return {m: sum(r[m] for r in rows) / len(rows) for m in METRICS}
-
-
-@contextmanager
-def ema_weights(net: nn.Module, ema: dict[str, Tensor]) -> Iterator[None]:
-    """The EMA tensors in place of the trainable parameters (by reference, no copy), the net in eval mode."""
-    params = dict(net.named_parameters())
-    saved = {name: params[name].data for name in ema}
-    was_training = net.training
-    try:
-        for name, tensor in ema.items():
-            params[name].data = tensor.to(dtype=saved[name].dtype)
-        net.eval()
-        yield
-    finally:
-        for name, data in saved.items():
-            params[name].data = data
-        net.train(was_training)
+def gathered(ranks: ValRanks, rows: list[dict[str, Any]], images: dict[str, str]) -> dict[str, Any]:
+    """Every rank's rows (each with its "position", dropped here) and saved images, in manifest order:
+    {"mean", "per_image", "images"}."""
+    every = ranks.gather([(row.pop("position"), (row, images.get(row["id"]))) for row in rows])
+    per_image = [row for _, (row, _) in every]
+    keys = [k for k in per_image[0] if k != "id"]
+    return {"mean": {k: sum(r[k] for r in per_image) / len(per_image) for k in keys}, "per_image": per_image,
+            "images": {row["id"]: image for _, (row, image) in every if image is not None}}
 
 
 class Validator:
-    """Scores the EMA weights every `cfg.every` steps beside the init's (rank 0)."""
+    """Scores the EMA weights every `cfg.every` steps beside the init's. `items` are this rank's share of the
+    held-out set, `item_ids` the whole set's; `copy` the unsharded copy an FSDP2 run scores with."""
 
-    def __init__(self, cfg: ValConfig, run_dir: Path, backbone: str, items: list[ValItem], null_embeds: Tensor
-                 ) -> None:
+    def __init__(self, cfg: ValConfig, run_dir: Path, backbone: str, items: list[ValItem], item_ids: list[str],
+                 null_embeds: Tensor, device: torch.device, copy: nn.Module | None = None,
+                 ranks: ValRanks = ValRanks()) -> None:
         self.cfg, self.run_dir, self.backbone = cfg, run_dir, backbone
-        self.items, self.null_embeds = items, null_embeds
+        self.items, self.item_ids, self.null_embeds = items, item_ids, null_embeds
+        self.device, self.copy, self.ranks = device, copy, ranks
         self.init: dict[str, Any] | None = None
 
     def identity(self) -> dict[str, Any]:
         """What the cached init scores depend on."""
         digest = hashlib.sha256(Path(self.cfg.manifest).read_bytes()).hexdigest()[:16]
         identity = {**asdict(self.cfg), "every": None, "images": None, "sigmas": list(self.cfg.sigmas),
-                    "manifest_sha256": digest, "items": [i.item_id for i in self.items]}
+                    "manifest_sha256": digest, "items": list(self.item_ids)}
         identity.pop("teacher_steps")  # mode=distill only
         return identity
 
     def score(self, net: nn.Module, folder: Path | None) -> dict[float, dict[str, Any]]:
-        """sigma -> {"mean": metrics, "per_image": [...], "images": {item id: path relative to the run}}."""
+        """sigma -> {"mean": metrics, "per_image": [...], "images": {item id: path relative to the run}}, over
+        the whole set (this rank decodes its share)."""
         decoder = undistilled_decoder(net, self.backbone, self.null_embeds)
         out: dict[float, dict[str, Any]] = {}
         for sigma in self.cfg.sigmas:
             rows, images = [], {}
-            for index, item in enumerate(self.items):
-                decoded = decode_item(decoder, item, sigma, self.cfg, index)
+            for item in self.items:
+                decoded = decode_item(decoder, item, sigma, self.cfg)
                 scores = summarize(decoded, item.target)
-                rows.append({"id": item.item_id, **{m: scores[m][0] for m in METRICS}})
-                if folder is not None and index < self.cfg.images:
+                rows.append({"id": item.item_id, "position": item.position, **{m: scores[m][0] for m in METRICS}})
+                if folder is not None and item.position < self.cfg.images:
                     path = folder / f"{item.item_id}_sigma_{sigma:.3f}.png"
                     write_image(path, unit_to_uint8(decoded[0]))
                     images[item.item_id] = path.relative_to(self.run_dir).as_posix()
-            out[sigma] = {"mean": mean_scores(rows), "per_image": rows, "images": images}
+            out[sigma] = gathered(self.ranks, rows, images)
         return out
 
     def prepare_init(self, net: nn.Module) -> None:
         """The init's scores: read from `val/init.json` when it was made for this validation set, else computed
-        now (the net must hold the init weights) and cached, with the targets saved beside them."""
+        now (the net, or the FSDP2 run's copy, must hold the init weights) and cached, with the targets saved
+        beside them."""
         path = self.run_dir / VAL_DIR / INIT_FILE
         identity = json.loads(json.dumps(self.identity()))
-        if path.is_file():
-            cached = json.loads(path.read_text(encoding="utf-8"))
-            if cached.get("identity") == identity:
-                self.init = {float(s): v for s, v in cached["scores"].items()}
-                return
-        for item in self.items[: self.cfg.images]:
-            write_image(self.run_dir / VAL_DIR / "target" / f"{item.item_id}.png", unit_to_uint8(item.target[0]))
-        was_training = net.training
-        net.eval()
+        cached = None
+        if self.ranks.writer and path.is_file():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("identity") == identity:
+                cached = saved["scores"]
+        cached = self.ranks.decide(cached)
+        if cached is not None:
+            self.init = {float(s): v for s, v in cached.items()}
+            return
+        for item in self.items:
+            if item.position < self.cfg.images:
+                write_image(self.run_dir / VAL_DIR / "target" / f"{item.item_id}.png", unit_to_uint8(item.target[0]))
+        scored = self.copy if self.copy is not None else net
+        was_training = scored.training
+        scored.eval()
         try:
-            self.init = self.score(net, self.run_dir / VAL_DIR / "init")
+            with on_device(scored, self.device):
+                self.init = self.score(scored, self.run_dir / VAL_DIR / "init")
         finally:
-            net.train(was_training)
-        write_json(path, {"identity": identity, "scores": {str(s): v for s, v in self.init.items()}})
-        logger.info("validation: init {}", _line(self.init))
+            scored.train(was_training)
+        if self.ranks.writer:
+            write_json(path, {"identity": identity, "scores": {str(s): v for s, v in self.init.items()}})
+            logger.info("validation: init {}", _line(self.init))
 
     def __call__(self, step: int, net: nn.Module, ema: dict[str, Tensor]) -> list[dict[str, Any]]:
         """Score the EMA weights at `step`; append one line per σ to val.jsonl; returns those records."""
         assert self.init is not None, "prepare_init first"
-        with ema_weights(net, ema):
-            scores = self.score(net, self.run_dir / VAL_DIR / f"step_{step:09d}")
+        with scored_weights(net, ema, self.copy, self.device) as scored:
+            scores = self.score(scored, self.run_dir / VAL_DIR / f"step_{step:09d}")
         records = []
         for sigma, result in scores.items():
             init = self.init[sigma]
@@ -215,9 +226,11 @@ class Validator:
                       "per_image": [{"id": e["id"], "ema": {m: e[m] for m in METRICS},
                                      "init": {m: i[m] for m in METRICS}}
                                     for e, i in zip(result["per_image"], init["per_image"])]}
-            append_jsonl(self.run_dir / VAL_FILE, record)
+            if self.ranks.writer:
+                append_jsonl(self.run_dir / VAL_FILE, record)
             records.append(record)
-        logger.info("validation at step {}: ema {} (init {})", step, _line(scores), _line(self.init))
+        if self.ranks.writer:
+            logger.info("validation at step {}: ema {} (init {})", step, _line(scores), _line(self.init))
         return records
 
 
@@ -229,18 +242,21 @@ def _line(scores: dict[float, dict[str, Any]]) -> str:
 def open_validator(cfg: ValConfig, run_dir: Path, backbone: str, net: nn.Module,
                    encode_lq: Callable[[Tensor], Tensor], encode_captions: Callable[[Sequence[str]], Tensor],
                    device: torch.device) -> Validator:
-    """Encode the held-out set and make the init's scores (cached in the run folder)."""
+    """Encode this rank's share of the held-out set and make the init's scores (cached in the run folder).
+    Every rank calls it (on several processes it gathers)."""
     from pid.text_encoder import NEGATIVE_PROMPT
+    from pid.training.val_ranks import plain_copy
 
+    ranks = ValRanks.current()
     multiple = val_multiple(net.cfg.latent_downsample, net.cfg.patch_size)
-    items = load_val_items(cfg, multiple, encode_lq, encode_captions, device)
-    if not items:
+    items, item_ids = load_val_items(cfg, multiple, encode_lq, encode_captions, device, ranks)
+    if not item_ids:
         from pid.errors import InputError
 
         raise InputError(f"val_manifest {cfg.manifest}: no image could be read; fix the manifest or drop it")
     with torch.no_grad():
         null_embeds = encode_captions([NEGATIVE_PROMPT]).to(device=device, dtype=torch.float32)
-    validator = Validator(cfg, run_dir, backbone, items, null_embeds)
+    validator = Validator(cfg, run_dir, backbone, items, item_ids, null_embeds, device, plain_copy(net), ranks)
     validator.prepare_init(net)
     return validator
 
