@@ -4,8 +4,9 @@ Every rank validates: the held-out image at manifest position i is read, encoded
 i % world, each rank writes the PNGs of its own images into the shared run folder (as the DCP checkpoints
 already require), and the scores are gathered (`all_gather_object`) and put back in manifest order, so the
 records rank 0 writes equal a single process's. The decode seeds are the images' positions in the whole set,
-not in a rank's share, for the same reason. No rank waits for another's decodes, so a long validation cannot
-run into the collective timeout that a rank-0-only validation would.
+not in a rank's share, for the same reason. A rank waits at the gather for at most one image's decodes of
+another, where a rank-0-only validation would hold every other rank in a collective (under its timeout) for
+the whole validation.
 
 The weights being scored must be whole on every rank. DDP replicas already are (the EMA is swapped in, as on
 one process). FSDP2 shards them: `plain_copy` makes an unsharded copy of the network on the CPU once, when the
