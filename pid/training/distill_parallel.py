@@ -70,12 +70,23 @@ class TeacherOffload:
         self._contexts: list[torch.autograd.graph.saved_tensors_hooks] = []
         blocks = [*teacher.patch_blocks, *teacher.pixel_blocks]
         in_blocks = {id(m) for block in blocks for m in block.modules()}
-        pin = device.type == "cuda" and torch.cuda.is_available()
+        self.pin = device.type == "cuda" and torch.cuda.is_available()
         teacher.to("cpu")
-        root = _collect([m for m in teacher.modules() if id(m) not in in_blocks], pin)
+        root = _collect([m for m in teacher.modules() if id(m) not in in_blocks], self.pin)
+        self.units = [root, *(_collect(list(block.modules()), self.pin) for block in blocks)]
         self._hook(teacher, root)
-        for block in blocks:
-            self._hook(block, _collect(list(block.modules()), pin))
+        for block, unit in zip(blocks, self.units[1:]):
+            self._hook(block, unit)
+
+    def repin(self) -> None:
+        """Pin the CPU weights again after the whole teacher went to the device and back (`Module.to`
+        allocates new, unpinned CPU tensors; unpinned host-to-device copies are synchronous)."""
+        if not self.pin:
+            return
+        for unit in self.units:
+            for _module, _name, _is_param, tensor in unit.entries:
+                if not tensor.is_pinned():
+                    tensor.data = tensor.data.pin_memory()
 
     def _hook(self, module: nn.Module, unit: _Unit) -> None:
         module.register_forward_pre_hook(lambda _m, _args: self._load(unit))

@@ -92,7 +92,9 @@ def plain_copy(net: nn.Module) -> nn.Module | None:
 
 @contextmanager
 def on_device(net: nn.Module, device: torch.device) -> Iterator[nn.Module]:
-    """`net` on `device` for the block, back where it was after (a CPU copy, an offloaded teacher)."""
+    """`net` on `device` for the block, back where it was after: an FSDP2 run's CPU copy; a teacher offloaded
+    with `teacher_offload=true` for its one-time reference decodes (the decoder runs where the parameters are),
+    whose CPU weights are pinned again after (the move back allocates them unpinned)."""
     home = next(net.parameters()).device
     moved = home != device
     if moved:
@@ -102,6 +104,9 @@ def on_device(net: nn.Module, device: torch.device) -> Iterator[nn.Module]:
     finally:
         if moved:
             net.to(home)
+            offload = getattr(net, "offload", None)
+            if offload is not None:
+                offload.repin()
 
 
 @contextmanager
