@@ -165,22 +165,46 @@ def make_init_state(work: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("mode", ["teacher", "full"])
 def test_two_gloo_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, mode):
     """2 ranks x 1 image (teacher: DDP; full: FSDP2) against 1 rank x 1 image x grad_accum 2: same images, same
-    draws, the same EMA to float rounding."""
+    draws, the same EMA to float rounding. With a held-out set every rank validates its share (DDP: the EMA
+    swapped into each replica; FSDP2: an unsharded copy) and val.jsonl holds what one process writes."""
+    from val_records import assert_same_validation, held_out_with_an_unreadable_image, val_rows
+
     prepare(tmp_path)
-    common = ["steps=2", "ckpt_every=2", "log_every=2", "batch_size=1", f"mode={mode}"]
-    env = cli_env(OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           HARNESS, str(tmp_path), *common, "run_name=two"], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = held_out_with_an_unreadable_image(tmp_path)
+    common = ["steps=2", "ckpt_every=2", "log_every=2", "batch_size=1", f"mode={mode}", f"val_manifest={manifest}",
+              "val_every=1", "val_steps=2", "val_sigmas=0,0.3", "val_images=2"]
+    done = _torchrun(tmp_path, *common, "run_name=two")
+    assert "validation is not run" not in done.stderr
     assert train(tmp_path, *common, "grad_accum=2", "run_name=one") == 0
-    two, one = _ema(tmp_path / "runs" / "two"), _ema(tmp_path / "runs" / "one")
+    two_dir, one_dir = tmp_path / "runs" / "two", tmp_path / "runs" / "one"
+    two, one = _ema(two_dir), _ema(one_dir)
     assert two.keys() == one.keys() and len(one) > 10
     for key in one:  # gradient sums in another order: equal to fp32 rounding, relative to each tensor's scale
         scale = float(one[key].abs().max()) + 1e-8
         assert float((two[key] - one[key]).abs().max()) <= 1e-4 * scale, key
-    losses_two, losses_one = _metrics(tmp_path / "runs" / "two"), _metrics(tmp_path / "runs" / "one")
+    losses_two, losses_one = _metrics(two_dir), _metrics(one_dir)
     assert losses_two[-1]["loss_total"] == pytest.approx(losses_one[-1]["loss_total"], rel=1e-5)
+
+    rows = assert_same_validation(two_dir, one_dir, ("ema", "init"), saved=2)
+    assert rows[-1]["ema"]["psnr"] != rows[-1]["init"]["psnr"]  # the EMA moved: not the init scored twice
+    for name in ("000_img0", "002_img1"):  # saved by rank 0 and by rank 1
+        assert (two_dir / "val" / "target" / f"{name}.png").is_file()
+        assert (two_dir / "val" / "init" / f"{name}_sigma_0.300.png").is_file()
+    assert not (two_dir / "val" / "target" / "003_img2.png").exists()  # val_images=2
+    cached = two_dir / "val" / "init.json"
+    assert json.loads(cached.read_text())["identity"] == json.loads((one_dir / "val" / "init.json").read_text())["identity"]
+    if mode == "full":  # a resumed 2-rank run reuses the cached init scores (rank 0 reads them for all)
+        cached_at = cached.stat().st_mtime_ns
+        _torchrun(tmp_path, *[a for a in common if a != "steps=2"], "steps=3", "run_name=two")
+        assert cached.stat().st_mtime_ns == cached_at and [r["step"] for r in val_rows(two_dir)][-2:] == [3, 3]
+
+
+def _torchrun(work: Path, *args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           HARNESS, str(work), *args], env=cli_env(OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 @pytest.mark.slow

@@ -62,10 +62,24 @@ def _export(run_dir: Path, out: Path) -> tuple[dict[str, torch.Tensor], dict[str
 def test_fsdp2_two_ranks_equal_one_rank_and_export_the_same_student(tmp_path):
     """2 ranks x 1 image under FSDP2 against 1 rank x 1 image x grad_accum 2 (the single-process run DDP would
     equal): the blocks are stored as 2 shards, every trained network and the student EMA agree to fp32 rounding,
-    and the exported students hold the same tensors and metadata."""
+    and the exported students hold the same tensors and metadata. With a held-out set the teacher's reference
+    decodes and the student's (from an unsharded copy of its sharded EMA) are split over the ranks, and
+    val.jsonl holds what one process writes."""
+    from val_records import assert_same_validation, held_out_with_an_unreadable_image
+
     prepare(tmp_path)
-    _torchrun(tmp_path, *COMMON, "run_name=two")
-    assert train(tmp_path, *COMMON, "grad_accum=2", "run_name=one") == 0
+    validation = [f"val_manifest={held_out_with_an_unreadable_image(tmp_path)}", "val_every=2",
+                  "val_sigmas=0,0.3", "val_images=2", "val_teacher_steps=3"]
+    _torchrun(tmp_path, *COMMON, *validation, "run_name=two")
+    assert train(tmp_path, *COMMON, *validation, "grad_accum=2", "run_name=one") == 0
+    two_dir, one_dir = tmp_path / "runs" / "two", tmp_path / "runs" / "one"
+    rows = assert_same_validation(two_dir, one_dir, ("ema", "teacher"), saved=2)
+    assert [(r["step"], r["sigma"]) for r in rows] == [(2, 0.0), (2, 0.3), (3, 0.0), (3, 0.3)]
+    assert rows[0]["ema"]["psnr_vs_teacher"] != rows[2]["ema"]["psnr_vs_teacher"]  # the student moved
+    teacher = sorted(p.name for p in (two_dir / "val" / "teacher").iterdir())
+    assert teacher == [f"{i}_sigma_{s}.png" for i in ("000_img0", "002_img1", "003_img2") for s in ("0.000", "0.300")]
+    for name in teacher:  # the same frozen teacher on both: the same 8-bit decodes, rank 1's among them
+        assert (two_dir / "val" / "teacher" / name).read_bytes() == (one_dir / "val" / "teacher" / name).read_bytes()
     (two, chunks), (one, _) = _checkpoint(tmp_path / "runs" / "two"), _checkpoint(tmp_path / "runs" / "one")
     sharded = [k for k, n in chunks.items() if n == 2 and ".patch_blocks." in k]
     assert any(k.startswith("model.fake_score.") for k in sharded) and any(k.startswith("ema.") for k in sharded)
