@@ -36,13 +36,15 @@ from pid.inference.cli import (
     EntryPoint,
     Settings,
     check_output_dir,
+    parse_command,
+    plan_or_run,
+    run_cli,
+)
+from pid.inference.decoder_settings import (
     check_pid_steps,
     chunk_setting,
     declared_space,
-    parse_command,
-    plan_or_run,
     resolve_decoder,
-    run_cli,
     unused_sampler_knobs,
 )
 from pid.inference.from_ldm import COMMON_FLAGS, COMMON_NO_EFFECT, DTYPES

@@ -35,13 +35,15 @@ from pid.inference.cli import (
     EntryPoint,
     Settings,
     check_output_dir,
+    parse_command,
+    plan_or_run,
+    run_cli,
+)
+from pid.inference.decoder_settings import (
     check_pid_steps,
     declared_space,
-    parse_command,
     parse_resolution,
-    plan_or_run,
     resolve_decoder,
-    run_cli,
     unused_sampler_knobs,
 )
 from pid.inference.io import (
@@ -547,7 +549,7 @@ def _decode_and_save(settings: Settings, plan: RunPlan, decoder, space, index: i
                      staged: StagedFiles) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Decode one prompt's captures with PiD and the baseline and stage their images; returns the metadata rows
     and the item's counts for the summary (images, pid_s, vae_s), added only once the item is done."""
-    from pid.inference.cli import chunk_setting
+    from pid.inference.decoder_settings import chunk_setting
 
     embeds = decoder.encode_captions([caption])  # once per prompt, reused for every captured step
     # PiD decodes up to `pid_batch` captures of this prompt in one call (per-sample sigma). The noise of a
