@@ -19,6 +19,9 @@ teacher's many-step output than the teacher itself sampled with 4 steps?
      32-step decodes from *other* noise (seed 1; the 32-step row itself is compared with seed 0), so that no
      decoder shares noise with its reference; "moments_w2" is their sum, the per-pixel Gaussian W2^2 between
      the two sample sets; the 32-step row is the floor that sampling noise alone leaves;
+   - "precision_mse" / "recall_mse": per sample, against the nearest of those other-noise 32-step decodes (is
+     each sample one the teacher's 32-step sampler makes?), and per 32-step decode, against the nearest sample
+     (does the decoder make each of the teacher's samples? mode seeking and collapse show here);
    - "image_mse": per sample, against the training image; "nearest_image_mse": against the nearest training
      image (a sharp sample of any mode scores ~0, a blend of modes does not); "nearest_share_k": the share of
      samples nearest to training image k (the modes a sampler covers, for --modes).
@@ -143,9 +146,12 @@ def lq_inputs(images: Path, count: int) -> list[tuple[torch.Tensor, str, torch.T
 
 def scores(samples: torch.Tensor, paired: torch.Tensor, reference: torch.Tensor, image: torch.Tensor,
            images: torch.Tensor) -> dict[str, float]:
-    """Per-sample MSE of `samples` [N, 3, H, W] against `paired` (same noise), first-moment and spread MSE against
-    `reference` (other noise), and per-sample MSE to the training image and to the nearest of `images` [K, ...]."""
+    """Per-sample MSE of `samples` [N, 3, H, W] against `paired` (same noise); first-moment and spread MSE, and
+    nearest-neighbour MSE both ways (precision, recall), against `reference` (other noise); per-sample MSE to the
+    training image and to the nearest of `images` [K, ...]."""
     nearest = (samples[:, None] - images[None]).pow(2).mean(dim=(2, 3, 4)).min(dim=1)
+    # squared distances between every sample and every reference sample, as per-pixel MSE
+    pairs = torch.cdist(samples.flatten(1).double(), reference.flatten(1).double()).pow(2) / samples[0].numel()
     share = torch.bincount(nearest.indices, minlength=len(images)).float() / len(samples)
     return {"mse": float((samples - paired).pow(2).mean()),
             "image_mse": float((samples - image).pow(2).mean()),
@@ -153,7 +159,9 @@ def scores(samples: torch.Tensor, paired: torch.Tensor, reference: torch.Tensor,
             # which training image each sample is nearest to: the modes a multi-mode sampler covers
             **{f"nearest_share_{k}": float(v) for k, v in enumerate(share)},
             "mean_mse": float((samples.mean(0) - reference.mean(0)).pow(2).mean()),
-            "std_mse": float((samples.std(0) - reference.std(0)).pow(2).mean())}
+            "std_mse": float((samples.std(0) - reference.std(0)).pow(2).mean()),
+            "precision_mse": float(pairs.min(dim=1).values.mean()),
+            "recall_mse": float(pairs.min(dim=0).values.mean())}
 
 
 def compare(work: Path, teacher_file: Path, student_files: dict[str, Path], count: int, seeds: int,
