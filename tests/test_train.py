@@ -276,3 +276,26 @@ def test_activation_checkpointing_trains_exactly_as_without(tmp_path, mode):
     ema, ema_checkpointed = _ema(plain), _ema(checkpointed)
     assert ema.keys() == ema_checkpointed.keys()
     assert all(torch.equal(ema[k], ema_checkpointed[k]) for k in ema)
+
+
+def test_data_loading_workers_change_no_number_and_the_dry_run_shows_them(tmp_path):
+    """num_workers=2 decodes the images in two worker processes: the run's EMA is bit for bit the in-process
+    run's (the default on the CPU, 0); the dry run shows the value, or the automatic default."""
+    prepare(tmp_path)
+    common = ["steps=3", "ckpt_every=3", "lr=1e-3"]
+    assert train(tmp_path, *common, "num_workers=2", "run_name=workers") == 0
+    assert train(tmp_path, *common, "run_name=inline") == 0
+    from pid.train.run import open_data
+
+    from train_harness import plan_for
+
+    assert open_data(plan_for(tmp_path, "num_workers=2"), 0, 1).num_workers == 2  # what the run above used
+    assert open_data(plan_for(tmp_path), 0, 1).num_workers == 0  # the CPU's default
+    workers, inline = _ema(tmp_path / "runs" / "workers"), _ema(tmp_path / "runs" / "inline")
+    assert workers.keys() == inline.keys() and all(torch.equal(workers[k], inline[k]) for k in inline)
+    args = [f"data={tmp_path / 'images'}", f"init={tmp_path / 'init.pth'}", "resolution=64",
+            f"output_dir={tmp_path / 'runs'}", "--dry_run"]
+    assert json.loads(run_module("pid.train", *args, "num_workers=3").stdout)["num_workers"] == 3
+    assert json.loads(run_module("pid.train", *args).stdout)["num_workers"].startswith("auto")
+    done = run_module("pid.train", *args, "num_workers=-1")
+    assert done.returncode == 2 and done.stderr.strip() == "error: num_workers must be >= 0, got -1"

@@ -19,12 +19,11 @@ from pid.training.data import (
     SkipLog,
     TrainLoader,
     build_index,
-    describe_data,
     load_pixels,
-    open_loader,
     pick_caption_field,
     place_pixels,
 )
+from pid.training.loaders import describe_data, open_loader
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "training_golden" / "data_buckets.json").read_text())
 

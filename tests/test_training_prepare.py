@@ -21,7 +21,7 @@ from pid.latents import get as get_space
 from pid.train.prepare import load_config
 from pid.training import prepare
 from pid.training.cache import LatentCache
-from pid.training.data import open_loader
+from pid.training.loaders import open_loader
 
 from cli_driver import cli_env, run_module
 from tiny import tiny_caption_encoder
@@ -242,3 +242,31 @@ def test_the_cache_gives_the_same_losses_as_encoding_on_the_fly(tmp_path):
     for key in ("diffusion", "align", "total"):
         assert torch.isfinite(losses["cache"][key]) and float(losses["cache"][key]) > 0
         torch.testing.assert_close(losses["cache"][key], losses["live"][key], rtol=0, atol=0)
+
+
+def test_the_trainer_reads_a_prepare_cache_at_its_own_buckets_and_refuses_others(tmp_path):
+    """`python -m pid.train data=<cache>`: the plan (and the memory estimate) take the cache's resolution and
+    bucket mode when none is given; another one is a one-line refusal naming the fix, exit 2."""
+    from cli_driver import run_module
+    from train_harness import make_init
+
+    manifest = _dataset(tmp_path)
+    out = tmp_path / "cache"
+    settings = load_config([f"data={manifest}", f"out={out}", "resolution=256", "shard_size=5"])
+    space = get_space("flux").attach(tiny_autoencoder_kl(latent_channels=16))
+    assert prepare.run(settings, latent_space=space, caption_encoder=tiny_caption_encoder())["exit_code"] == 0
+    make_init(tmp_path / "init.pth")
+    common = ["pid.train", f"data={out}", f"init={tmp_path / 'init.pth'}", f"output_dir={tmp_path / 'runs'}"]
+    done = run_module(*common, "--dry_run")
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert (plan["resolution"], plan["buckets"], plan["data"]["format"]) == (256, "fixed", "prepare cache")
+    assert plan["estimated_peak_memory_per_gpu"]["image"] in {"256x256", "292x224", "224x292"}
+    assert json.loads(run_module(*common, "resolution=256", "--dry_run").stdout)["resolution"] == 256
+    for asked, words in (("resolution=512", "made with resolution=256, not 512"),
+                         ("buckets=multires", "made with buckets=fixed, not multires")):
+        done = run_module(*common, asked, "--dry_run")
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0] and "prepare another cache" in lines[0], done.stderr
+        assert not (tmp_path / "runs").exists()

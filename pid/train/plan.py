@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,6 +26,7 @@ from pid.train.memory import estimate_train_memory
 from pid.training.validation import ValConfig
 
 if TYPE_CHECKING:
+    from pid.train.data_source import DataSummary
     from pid.train.distill_plan import DistillPlan
 
 Mode = Literal["teacher", "full", "distill"]
@@ -56,14 +57,6 @@ class InitSource:
 
     def describe(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
-
-
-@dataclass(frozen=True)
-class DataSummary:
-    source: str
-    format: str
-    size: int
-    buckets: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"count", "size_wh"}
 
 
 @dataclass(frozen=True)
@@ -102,6 +95,7 @@ class TrainPlan:
     text_encoder_revision: str | None = None
     resume_step: int | None = None
     val: ValConfig | None = None  # validation on a held-out manifest (None: off)
+    num_workers: int | None = None  # data loading processes per rank (None: 4 on a GPU, 0 on the CPU)
     distill: DistillPlan | None = None  # mode=distill only
 
     @property
@@ -135,6 +129,7 @@ class TrainPlan:
             "init": self.init.describe(),
             "trainable_params": self.trainable_params, "frozen_params": self.frozen_params,
             "data": asdict(self.data), "resolution": self.resolution, "buckets": self.bucket_mode,
+            "num_workers": "auto (4 on a GPU, 0 on the CPU)" if self.num_workers is None else self.num_workers,
             "steps": self.steps, "resume_from_step": self.resume_step, "batch_size_per_gpu": self.batch_size,
             "grad_accum": self.grad_accum, "world_size": world_size, "global_batch": self.global_batch,
             "lr": self.lr, "weight_decay": self.weight_decay, "warmup_steps": self.warmup_steps,
@@ -286,7 +281,6 @@ def _probability(settings: Settings, key: str) -> float:
 
 def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
     """Validate the settings and resolve every default; raises one-line ConfigErrors."""
-    from pid.training.buckets import BucketSpec
 
     # The plain checks first: a typo costs no import of the model libraries (diffusers alone takes seconds).
     if settings.data is None:
@@ -294,9 +288,11 @@ def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
     for key, value in MODE_DEFAULTS[settings.mode].items():
         if settings.get(key) is None:
             setattr(settings, key, value)
-    for key in ("steps", "batch_size", "grad_accum", "ckpt_every", "keep_checkpoints", "log_every", "resolution"):
+    for key in ("steps", "batch_size", "grad_accum", "ckpt_every", "keep_checkpoints", "log_every"):
         _positive(settings, key)
     _positive(settings, "warmup_steps", 0)
+    if settings.get("num_workers") is not None:
+        _positive(settings, "num_workers", 0)
     lr = DEFAULT_LR[settings.mode] if settings.lr is None else float(settings.lr)
     weight_decay = DEFAULT_WEIGHT_DECAY[settings.mode] if settings.weight_decay is None else settings.weight_decay
     if not lr > 0 or not weight_decay >= 0:
@@ -305,15 +301,17 @@ def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
         raise ConfigError(f"grad_clip must be > 0 and ema_rate in (0, 1), got {settings.grad_clip}, "
                           f"{settings.ema_rate}")
     caption_dropout, lq_dropout = _probability(settings, "caption_dropout"), _probability(settings, "lq_dropout")
-    BucketSpec(mode=settings.buckets, resolution=int(settings.resolution))  # resolution / bucket mode, one line
+    if settings.resolution is not None:
+        _positive(settings, "resolution")
 
     from pid.latents import canonical_name
     from pid.latents.declared import training_backbone
-    from pid.train.data_source import summarize_data
+    from pid.train.data_source import data_geometry, summarize_data
 
     # latent_space= (a declared space's file, see docs/latents.md) takes the place of the backbone's family
     backbone = training_backbone(settings.get("latent_space")) or canonical_name(settings.backbone.name)
-    val = validation_config(settings)
+    spec = data_geometry(settings.data, settings.resolution, settings.buckets)  # a prepare cache: its own
+    val = validation_config(settings, spec.resolution)
     init = resolve_init(settings, backbone)
     net_config = training_net_config(settings, backbone, init)
     distill = None
@@ -325,7 +323,7 @@ def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
         trainable, frozen = distill_parameter_counts(net_config)
     else:
         trainable, frozen = parameter_counts(net_config, settings.mode)
-    data = summarize_data(settings.data, settings.resolution, settings.buckets)
+    data = summarize_data(settings.data, spec)
     if data.format == "prepare cache":
         from pid.training.cache import LatentCache
 
@@ -337,8 +335,8 @@ def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
     run_dir = Path(settings.output_dir).expanduser().absolute() / (settings.run_name or f"{Path(backbone).stem}_{settings.mode}")
     plan = TrainPlan(
         mode=settings.mode, backbone=backbone, net_config=net_config, init=init, trainable_params=trainable,
-        frozen_params=frozen, data=data, resolution=int(settings.resolution),
-        bucket_mode=settings.buckets, steps=int(settings.steps),
+        frozen_params=frozen, data=data, resolution=spec.resolution, bucket_mode=spec.mode,
+        num_workers=settings.get("num_workers"), steps=int(settings.steps),
         batch_size=int(settings.batch_size), grad_accum=int(settings.grad_accum), world_size=world_size, lr=lr,
         weight_decay=float(weight_decay), warmup_steps=int(settings.warmup_steps), grad_clip=float(settings.grad_clip),
         ema_rate=float(settings.ema_rate), caption_dropout=caption_dropout, lq_dropout=lq_dropout,
@@ -352,9 +350,9 @@ def plan_run(settings: Settings, world_size: int = 1) -> TrainPlan:
     return replace(plan, resume_step=check_resume(plan), val=val)
 
 
-def validation_config(settings: Settings) -> ValConfig | None:
-    """`val_*` options as a ValConfig (None without val_manifest= or with val_every=0); the manifest is read
-    now so a bad one fails before anything loads."""
+def validation_config(settings: Settings, resolution: int) -> ValConfig | None:
+    """`val_*` options as a ValConfig (None without val_manifest= or with val_every=0), held-out images shrunk
+    to the training `resolution`; the manifest is read now so a bad one fails before anything loads."""
     from pid.inference.io import read_manifest
     from pid.sampling import MAX_DISTILLED_STEPS
 
@@ -384,7 +382,7 @@ def validation_config(settings: Settings) -> ValConfig | None:
         raise InputError(f"val_manifest: {exc}") from None
     return ValConfig(manifest=str(Path(manifest).expanduser().absolute()), every=int(settings.val_every),
                      sigmas=sigmas, steps=int(settings.val_steps), cfg_scale=cfg_scale,
-                     images=int(settings.val_images), resolution=int(settings.resolution), seed=int(settings.seed),
+                     images=int(settings.val_images), resolution=resolution, seed=int(settings.seed),
                      teacher_steps=int(settings.val_teacher_steps))
 
 

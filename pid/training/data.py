@@ -1,12 +1,7 @@
 """Training data: sources -> an index of (image, captions, bucket) -> shape-uniform, rank-sharded, resumable batches.
 
-The trainer's entry (a folder, manifest, WebDataset root or prepare cache; `batch_size` images per rank):
-
-    loader = open_loader(data, batch_size, resolution=2048, seed=0, rank=rank, world_size=world,
-                         skipped_path=run_dir / "skipped.jsonl")
-    describe_data(data, resolution=2048)     # the dry run's summary: images, buckets, skipped; reads headers only
-
-Or by hand:
+The trainer's entry over every source kind, prepare caches included, is `pid.training.loaders.open_loader`.
+By hand:
 
     from pid.training.data import TrainLoader, build_index
     index = build_index("photos/", BucketSpec(resolution=512), skip_log=SkipLog(run_dir / "skipped.jsonl"))
@@ -384,49 +379,6 @@ class TrainLoader:
             self.epoch, self.position = self.epoch + 1, 0
 
 
-def open_loader(data: str | Path, batch_size: int, *, resolution: int | None = None, buckets: str | None = None,
-                seed: int = 0, rank: int = 0, world_size: int = 1, skipped_path: str | Path | None = None,
-                num_workers: int = 0) -> TrainLoader:
-    """The trainer's entry: a TrainLoader of `batch_size` images per rank over a folder, manifest, WebDataset root
-    or prepare cache (whose batches then carry `lq_latent` / `caption_embeds`). Index-time skips are listed in
-    `skipped_path` by rank 0 only; every rank lists the images it fails to load."""
-    kind = source_kind(data)
-    log = SkipLog(skipped_path)
-    if kind == "cache":
-        from pid.training.cache import LatentCache
-
-        cache = LatentCache(data)
-        for name, asked, have in (("resolution", resolution, cache.spec.resolution),
-                                  ("buckets", buckets, cache.spec.mode)):
-            if asked is not None and asked != have:
-                raise ConfigError(f"the prepare cache {data} was made with {name}={have}, not {asked}; "
-                                  f"use {name}={have} or prepare another cache")
-        index = cache.train_index()
-        index.kind = "cache"
-        return TrainLoader(index, batch_size * world_size, seed=seed, rank=rank, world_size=world_size,
-                           skip_log=log, cache=cache, num_workers=num_workers)
-    spec = BucketSpec(buckets or "fixed", int(resolution or 2048))
-    first = SkipLog(skipped_path if rank == 0 else None)
-    index = build_index(data, spec, skip_log=first)
-    log.remember(first.records)
-    return TrainLoader(index, batch_size * world_size, seed=seed, rank=rank, world_size=world_size, skip_log=log,
-                       num_workers=num_workers)
-
-
-def describe_data(data: str | Path, *, resolution: int | None = None, buckets: str | None = None) -> dict[str, Any]:
-    """What a dry run shows: source, kind, usable images, buckets (count, W x H) and the images left out.
-    Reads image headers only; writes nothing."""
-    if source_kind(data) == "cache":
-        from pid.training.cache import LatentCache
-
-        index = LatentCache(data).train_index()
-        index.kind = "cache"
-        return {**index.describe(), "skipped": []}
-    skips: list[dict[str, Any]] = []
-    index = build_index(data, BucketSpec(buckets or "fixed", int(resolution or 2048)), skip_log=skips.append)
-    return {**index.describe(), "skipped": skips}
-
-
 def _after(order: Sequence[int], index: int) -> list[int]:
     """The items after `index` in `order`, wrapping around (replacement candidates)."""
     if index not in order:
@@ -437,6 +389,6 @@ def _after(order: Sequence[int], index: int) -> list[int]:
 
 __all__ = [
     "CAPTION_FIELDS", "Item", "SkipLog", "TrainBatch", "TrainIndex", "TrainLoader", "build_index", "caption_fields",
-    "caption_rng", "describe_data", "epoch_plan", "index_items", "load_pixels", "open_loader", "pick_caption_field",
+    "caption_rng", "epoch_plan", "index_items", "load_pixels", "pick_caption_field",
     "place_pixels", "rank_slice", "source_kind",
 ]
