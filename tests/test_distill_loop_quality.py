@@ -21,7 +21,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def test_each_phase_steps_only_its_networks_clears_every_gradient_and_the_ema_follows_student_steps(tmp_path):
     from pid.train.distill_run import build_distill_step, make_optimizers, negative_prompt_embeds
-    from pid.train.run import init_file, open_data
+    from pid.train.setup import init_file, open_data
     from pid.training.distill_loop import DistillConfig, DistillState, distill_loop, init_student_ema
     from pid.training.schedules import ema_beta
 

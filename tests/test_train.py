@@ -285,7 +285,7 @@ def test_data_loading_workers_change_no_number_and_the_dry_run_shows_them(tmp_pa
     common = ["steps=3", "ckpt_every=3", "lr=1e-3"]
     assert train(tmp_path, *common, "num_workers=2", "run_name=workers") == 0
     assert train(tmp_path, *common, "run_name=inline") == 0
-    from pid.train.run import open_data
+    from pid.train.setup import open_data
 
     from train_harness import plan_for
 

@@ -18,7 +18,7 @@ from pid.inference.lifecycle import exit_code_for_signal
 from pid.models import PiDNet, build_pid_net
 from pid.report.training import update_training_report
 from pid.train.plan import RUN_FILE, TrainPlan
-from pid.train.run import (
+from pid.train.setup import (
     EXIT_OK,
     Progress,
     init_file,

@@ -38,7 +38,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, dtype: str = "bf1
     from pid.models import build_pid_net
     from pid.models.configs import net_config_from_value, net_config_to_dict, released_name
     from pid.train.plan import RUN_FILE
-    from pid.train.run import init_fresh_adapter, load_init
+    from pid.train.setup import init_fresh_adapter, load_init
     from pid.training.checkpoint import (
         checkpoint_root,
         latest_checkpoint,
