@@ -246,4 +246,60 @@ def test_exported_student_runs_in_from_clean_with_4_steps(tmp_path, hub_cache_en
                       "prompt=a photo of cat", f"output_dir={out}", "plot=false", "report=false", env=hub_cache_env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(list(out.rglob("pid/sigma_0.000/*.png"))) == 1
+    # without pid_ckpt_type= the file's own type is used, at any of the distilled sampler's 1..4 steps
+    done = run_module("pid.inference.from_clean", "backbone=flux", "pid_steps=1", f"pid_checkpoint={exported}",
+                      f"input_path={tmp_path / 'images' / 'img0.png'}", "prompt=a photo of cat",
+                      f"output_dir={tmp_path / 'fc1'}", "plot=false", "report=false", env=hub_cache_env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "is a 2kto4k_v1pt5 decoder (its metadata)" in done.stderr
+    assert len(list((tmp_path / "fc1").rglob("pid/sigma_0.000/*.png"))) == 1
+    # from_ldm: a Z-Image-Turbo pipeline (FLUX.1's latent space) decoded by the student, as a released one
+    from tiny_pipelines import tiny_call_overrides
+
+    ldm_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in tiny_call_overrides("zimage-turbo").items()}
+    done = run_module("pid.inference.from_ldm", "backbone=zimage-turbo", "prompt=a red fox", "resolution=256",
+                      "ldm_steps=2", "pid_steps=2", "device=cpu", "dtype=fp32", f"pid_checkpoint={exported}",
+                      f"output_dir={tmp_path / 'ldm'}", f"ldm_kwargs={json.dumps(ldm_kwargs)}", "report=false",
+                      env=hub_cache_env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "is a 2kto4k_v1pt5 decoder (its metadata)" in done.stderr
+    assert len(list((tmp_path / "ldm").rglob("pid/step_x0/*.png"))) == 1
+
+
+@pytest.mark.slow
+def test_an_exported_student_decodes_exactly_as_a_released_student_with_its_weights_and_attaches(tmp_path):
+    """The export is a released student in all but its weights: `PiDDecoder.from_pretrained(checkpoint=...)`
+    reads its type from the file and decodes at 1..4 steps exactly as the released 2kto4k_v1pt5 record over the
+    same network does; `pid.attach` takes it for a pipeline of its latent space."""
+    import pid
+    from pid.checkpoints import lookup
+    from pid.decoder import PiDDecoder
+
+    from tiny import tiny_caption_encoder
+    from tiny_pipelines import TINY_SIZE, make_tiny_pipeline, tiny_call_overrides
+
+    prepare(tmp_path)
+    assert train(tmp_path, *DISTILL, "steps=3", "ckpt_every=3", "lr=1e-3") == 0
+    exported = tmp_path / "student.safetensors"
+    done = run_module("pid.train.export", str(tmp_path / "runs" / "flux_distill"), "--out", str(exported),
+                      "--dtype", "fp32")
+    assert done.returncode == 0, done.stderr
+    text = tiny_caption_encoder()
+    student = PiDDecoder.from_pretrained(checkpoint=exported, device="cpu", text_encoder=text)
+    assert (student.record.backbone, student.record.ckpt_type, student.record.sampler) == \
+        ("flux", "2kto4k_v1pt5", "distilled")
+    released = PiDDecoder(student.net, lookup("flux", "2kto4k_v1pt5"), text)
+    latent = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    decodes = []
+    for steps in (1, 2, 3, 4):
+        mine = student.decode(latent, "a red fox", steps=steps, seed=3)
+        assert torch.equal(mine, released.decode(latent, "a red fox", steps=steps, seed=3)), steps
+        assert mine.shape == (1, 3, 256, 256) and torch.isfinite(mine).all()
+        decodes.append(mine)
+    assert all(not torch.equal(a, b) for a, b in zip(decodes, decodes[1:]))  # each step count samples anew
+    piped = pid.attach(make_tiny_pipeline("zimage-turbo"), student, backbone="zimage-turbo")
+    kwargs = {**tiny_call_overrides("zimage-turbo"), "height": TINY_SIZE, "width": TINY_SIZE,
+              "num_inference_steps": 2, "generator": torch.Generator("cpu").manual_seed(0)}
+    image = piped("a red fox", output_type="pt", pid_steps=4, **kwargs).images
+    assert image.shape == (1, 3, TINY_SIZE * 4, TINY_SIZE * 4) and torch.isfinite(image).all()
 
