@@ -1,6 +1,6 @@
-"""The package's import graph has no circles beyond the two known ones: a module imported inside a function
-counts too (it is a dependency all the same); imports under `if TYPE_CHECKING:` do not (they never run).
-Read from the source with `ast`: nothing is imported."""
+"""The package's import graph has no circles beyond the package-init one below: a module imported inside a
+function counts too (it is a dependency all the same); imports under `if TYPE_CHECKING:` do not (they never
+run). Read from the source with `ast`: nothing is imported."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pid"
-# from_ldm <-> rae_flows over Capture (DEVELOPERS.md); the latents package re-exports its declared spaces, whose
-# module looks the registry up in the package at call time.
-KNOWN = [{"pid.inference.from_ldm", "pid.inference.rae_flows"}, {"pid.latents", "pid.latents.declared"}]
+# The latents package re-exports its declared spaces, whose module looks the registry up in the package at call
+# time. (The two circles DEVELOPERS.md names, checkpoints <-> models and from_ldm <-> rae_flows, are gone.)
+KNOWN = [{"pid.latents", "pid.latents.declared"}]
 
 
 def _modules() -> dict[str, Path]:

@@ -57,6 +57,7 @@ from pid.inference.io import (
     write_image,
 )
 from pid.inference.lifecycle import report_item_failure
+from pid.inference.step_capture import Capture
 from pid.preflight import plan_files
 from pid.tiling import decode_within_memory
 
@@ -367,15 +368,6 @@ def build_decoder(settings: Settings, plan: Any, device: torch.device):
     if settings.compile:
         decoder.compile()
     return decoder
-
-
-@dataclass
-class Capture:
-    """One latent to decode: label ("24xt" / "x0"), normalised [1, C, h, w] latent, sigma in PiD's frame."""
-
-    label: str
-    latent: torch.Tensor
-    sigma: float
 
 
 class DiffusersSource:

@@ -168,7 +168,7 @@ def make_source(
 
 
 def _capture(label: str, latent: Tensor, sigma: float) -> Any:
-    from pid.inference.from_ldm import Capture  # lazy: from_ldm imports this module lazily too
+    from pid.inference.step_capture import Capture
 
     return Capture(label, latent.float(), float(sigma))
 

@@ -45,6 +45,16 @@ from pid.inference.io import step_label
 LATENT_TENSOR_INPUTS: tuple[str, ...] = ("latents",)
 
 
+@dataclass
+class Capture:
+    """One latent to decode, converted for PiD (from a `CapturedLatent`, or by an RAE flow): label ("24xt" /
+    "x0"), normalised [1, C, h, w] latent, sigma in PiD's frame."""
+
+    label: str
+    latent: torch.Tensor
+    sigma: float
+
+
 @dataclass(frozen=True)
 class CapturedLatent:
     """One latent to decode: captured step K (label "KKxt") or the final latent (`step` None, "x0")."""
