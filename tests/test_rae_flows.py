@@ -16,7 +16,7 @@ import torch
 from pid.checkpoints import lookup
 from pid.decoder import PiDDecoder
 from pid.errors import CheckpointNotFoundError, ConfigError
-from pid.inference import rae_flows
+from pid.inference import rae_flows, scale_rae_flow
 from pid.inference.from_ldm import load_config, plan_run, run
 
 from tiny import tiny_caption_encoder, tiny_net
@@ -353,7 +353,7 @@ def make_scale_rae_repo(tmp_path: Path, with_decoder: bool = True) -> Path:
     repo = write_tree(tmp_path / "Scale-RAE", FAKE_SCALE_RAE)
     if with_decoder:
         write_siglip_decoder(
-            repo / rae_flows.SCALE_RAE_REPO_DECODER[0], repo / rae_flows.SCALE_RAE_REPO_DECODER[1]
+            repo / scale_rae_flow.SCALE_RAE_REPO_DECODER[0], repo / scale_rae_flow.SCALE_RAE_REPO_DECODER[1]
         )
     return repo
 
@@ -380,7 +380,7 @@ def isolated_imports(monkeypatch):
 
 @pytest.fixture
 def transformers_4(monkeypatch):
-    monkeypatch.setattr(rae_flows, "_transformers_version", lambda: rae_flows.SCALE_RAE_TRANSFORMERS)
+    monkeypatch.setattr(scale_rae_flow, "_transformers_version", lambda: scale_rae_flow.SCALE_RAE_TRANSFORMERS)
 
 
 def dinov2_cfg(repo, weights, *extra):
@@ -637,7 +637,7 @@ def test_dinov2_end_to_end(tmp_path):
 
 def test_siglip_refuses_other_transformers_majors(tmp_path, monkeypatch):
     repo = make_scale_rae_repo(tmp_path)
-    monkeypatch.setattr(rae_flows, "_transformers_version", lambda: "5.24.0")
+    monkeypatch.setattr(scale_rae_flow, "_transformers_version", lambda: "5.24.0")
     cfg = siglip_cfg(repo)
     with pytest.raises(ConfigError, match=r"needs transformers==4\.57\.1 \(installed: 5\.24\.0"):
         rae_flows.make_source(cfg, plan_run(cfg), CPU)
@@ -751,14 +751,14 @@ def test_siglip_decoder_resolution_order(tmp_path, monkeypatch):
     explicit = (tmp_path / "dec/cfg.json", tmp_path / "dec/model.pt")
     write_siglip_decoder(*explicit)
     cfg = siglip_cfg(repo, f"backbone.decoder_config={explicit[0]}", f"backbone.decoder_ckpt={explicit[1]}")
-    assert rae_flows.resolve_scale_rae_decoder(cfg, repo) == explicit
+    assert scale_rae_flow.resolve_scale_rae_decoder(cfg, repo) == explicit
     with pytest.raises(ConfigError, match="give both backbone.decoder_config and backbone.decoder_ckpt"):
-        rae_flows.resolve_scale_rae_decoder(siglip_cfg(repo, f"backbone.decoder_ckpt={explicit[1]}"), repo)
+        scale_rae_flow.resolve_scale_rae_decoder(siglip_cfg(repo, f"backbone.decoder_ckpt={explicit[1]}"), repo)
     with pytest.raises(CheckpointNotFoundError, match="backbone.decoder_config .* does not exist"):
         missing = siglip_cfg(
             repo, f"backbone.decoder_config={tmp_path / 'x.json'}", f"backbone.decoder_ckpt={explicit[1]}"
         )
-        rae_flows.resolve_scale_rae_decoder(missing, repo)
+        scale_rae_flow.resolve_scale_rae_decoder(missing, repo)
 
     monkeypatch.chdir(tmp_path)  # ./checkpoints is searched too; keep it empty
     monkeypatch.delenv("PID_CHECKPOINT_DIR", raising=False)
@@ -770,19 +770,19 @@ def test_siglip_decoder_resolution_order(tmp_path, monkeypatch):
     with pytest.raises(
         CheckpointNotFoundError, match="hf download nyu-visionx/siglip2_decoder config.json model.pt"
     ):
-        rae_flows.resolve_scale_rae_decoder(siglip_cfg(repo), repo)
+        scale_rae_flow.resolve_scale_rae_decoder(siglip_cfg(repo), repo)
     pid_dir = tmp_path / "ckpts"
     pid_files = (pid_dir / "scale_rae/decoder/XL_decoder_config.json",
                  pid_dir / "scale_rae/decoder/siglip2_sop14_i224_web73M_ganw3_decXL.pt")  # fmt: skip
     write_siglip_decoder(*pid_files)
     assert (
-        rae_flows.resolve_scale_rae_decoder(siglip_cfg(repo, f"checkpoint_dir={pid_dir}"), repo) == pid_files
+        scale_rae_flow.resolve_scale_rae_decoder(siglip_cfg(repo, f"checkpoint_dir={pid_dir}"), repo) == pid_files
     )
     write_siglip_decoder(
-        repo / rae_flows.SCALE_RAE_REPO_DECODER[0], repo / rae_flows.SCALE_RAE_REPO_DECODER[1]
+        repo / scale_rae_flow.SCALE_RAE_REPO_DECODER[0], repo / scale_rae_flow.SCALE_RAE_REPO_DECODER[1]
     )
-    in_repo = rae_flows.resolve_scale_rae_decoder(siglip_cfg(repo, f"checkpoint_dir={pid_dir}"), repo)
-    assert in_repo == (repo / rae_flows.SCALE_RAE_REPO_DECODER[0], repo / rae_flows.SCALE_RAE_REPO_DECODER[1])
+    in_repo = scale_rae_flow.resolve_scale_rae_decoder(siglip_cfg(repo, f"checkpoint_dir={pid_dir}"), repo)
+    assert in_repo == (repo / scale_rae_flow.SCALE_RAE_REPO_DECODER[0], repo / scale_rae_flow.SCALE_RAE_REPO_DECODER[1])
 
 
 def test_qwen2_forward_patch_drops_only_a_stale_mask():
@@ -797,7 +797,7 @@ def test_qwen2_forward_patch_drops_only_a_stale_mask():
     reference = inner(input_ids=ids).last_hidden_state
     holder = torch.nn.Module()
     holder.model = inner
-    rae_flows.patch_scale_rae_model(holder)
+    scale_rae_flow.patch_scale_rae_model(holder)
     assert isinstance(inner.forward, type(holder.forward)) and inner.forward.__func__ is not Stock.forward
     stale = inner(input_ids=ids, attention_mask=torch.ones(1, 1, dtype=torch.long)).last_hidden_state
     torch.testing.assert_close(stale, reference)

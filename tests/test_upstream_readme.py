@@ -136,9 +136,9 @@ def test_dinov2_commands_resolution_is_the_ldm_size_and_env_repo_path(tmp_path):
 
 
 def test_siglip_resolution_256_is_the_ldm_size(tmp_path, monkeypatch, capsys):
-    from pid.inference import rae_flows
+    from pid.inference import scale_rae_flow
 
-    monkeypatch.setattr(rae_flows, "check_scale_rae_transformers", lambda: None)  # needs transformers 4.57 here
+    monkeypatch.setattr(scale_rae_flow, "check_scale_rae_transformers", lambda: None)  # needs transformers 4.57 here
     (tmp_path / "scale_rae").mkdir()  # stands in for a clone of the upstream repository
     monkeypatch.setenv("SCALE_RAE_REPO_PATH", str(tmp_path))
     assert from_ldm.main(["--backbone", "siglip", "--resolution", "256", "--prompt", "a fox", "--dry_run"]) == 0

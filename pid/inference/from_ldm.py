@@ -207,13 +207,15 @@ def plan_run(settings: Settings) -> RunPlan:
     validate.check_text_encoder(settings.get("text_encoder"))
     validate.check_ldm_kwargs(backbone, settings.get("ldm_kwargs"), diffusers=not upstream)
     if upstream:
-        from pid.inference import rae_flows
+        from pid.inference import rae_flows, rae_upstream
 
-        rae_flows.repo_path(settings)  # fails fast, saying what to clone where
+        rae_upstream.repo_path(settings)  # fails fast, saying what to clone where
         if kind == "scale_rae":
-            rae_flows.check_scale_rae_transformers()  # before any model loads
-        default_steps = rae_flows.default_ldm_steps(settings)
-        ldm_model = str(rae_flows.repo_path(settings))
+            from pid.inference.scale_rae_flow import check_scale_rae_transformers
+
+            check_scale_rae_transformers()  # before any model loads
+        default_steps = rae_upstream.default_ldm_steps(settings)
+        ldm_model = str(rae_upstream.repo_path(settings))
     else:
         from pid.inference.pipelines import get_pipeline_spec
 
@@ -227,7 +229,7 @@ def plan_run(settings: Settings) -> RunPlan:
     if upstream:
         # The RAE LDMs generate at one fixed size (dinov2 512 px, siglip 256 px); upstream's --resolution for
         # them is that LDM size.
-        native = rae_flows.ldm_size(settings)
+        native = rae_upstream.ldm_size(settings)
         asked = parse_resolution(settings.get("ldm_resolution"))
         if asked is not None and asked != native:
             raise ConfigError(f"{backbone} generates at {native[1]} px only (upstream --resolution {native[1]}); "
