@@ -167,7 +167,7 @@ def test_two_gloo_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, mode
     """2 ranks x 1 image (teacher: DDP; full: FSDP2) against 1 rank x 1 image x grad_accum 2: same images, same
     draws, the same EMA to float rounding. With a held-out set every rank validates its share (DDP: the EMA
     swapped into each replica; FSDP2: an unsharded copy) and val.jsonl holds what one process writes."""
-    from val_records import assert_same_validation, held_out_with_an_unreadable_image, val_rows
+    from val_records import assert_same_validation, held_out_with_an_unreadable_image
 
     prepare(tmp_path)
     manifest = held_out_with_an_unreadable_image(tmp_path)
@@ -193,10 +193,6 @@ def test_two_gloo_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, mode
     assert not (two_dir / "val" / "target" / "003_img2.png").exists()  # val_images=2
     cached = two_dir / "val" / "init.json"
     assert json.loads(cached.read_text())["identity"] == json.loads((one_dir / "val" / "init.json").read_text())["identity"]
-    if mode == "full":  # a resumed 2-rank run reuses the cached init scores (rank 0 reads them for all)
-        cached_at = cached.stat().st_mtime_ns
-        _torchrun(tmp_path, *[a for a in common if a != "steps=2"], "steps=3", "run_name=two")
-        assert cached.stat().st_mtime_ns == cached_at and [r["step"] for r in val_rows(two_dir)][-2:] == [3, 3]
 
 
 def _torchrun(work: Path, *args: str) -> subprocess.CompletedProcess:
