@@ -45,7 +45,6 @@ from pid.training.validation import (
 )
 
 TEACHER_FILE = "teacher.json"
-VS_TEACHER = tuple(f"{m}_vs_teacher" for m in METRICS)
 
 
 def distilled_decoder(net: nn.Module, backbone: str, null_embeds: Tensor) -> Any:
