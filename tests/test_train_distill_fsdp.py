@@ -104,12 +104,19 @@ def test_fsdp2_two_ranks_equal_one_rank_and_export_the_same_student(tmp_path):
 def test_fsdp2_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path):
     """Stopped after a student iteration that followed a discriminator update, then resumed from its sharded
     checkpoint (three networks, three optimisers, the DTensor EMA), 2 ranks under FSDP2 reach exactly the
-    uninterrupted run's state (iterations: student, fake score, student | fake score, student)."""
+    uninterrupted run's state (iterations: student, fake score, student | fake score, student). The resumed run
+    validates (the unsharded copy, the all-gathered EMA, the split decodes) and the uninterrupted one does not:
+    validation changes nothing in training."""
+    from val_records import held_out_with_an_unreadable_image, val_rows
+
     prepare(tmp_path)
+    validation = [f"val_manifest={held_out_with_an_unreadable_image(tmp_path)}", "val_every=2", "val_images=1",
+                  "val_teacher_steps=2"]
     _torchrun(tmp_path, *COMMON, "steps=5", "run_name=straight")
-    _torchrun(tmp_path, *COMMON, "steps=3", "run_name=resumed")
+    _torchrun(tmp_path, *COMMON, *validation, "steps=3", "run_name=resumed")
     assert any(k.startswith("model.discriminator.") for k in _checkpoint(tmp_path / "runs" / "resumed")[0])
-    _torchrun(tmp_path, *COMMON, "steps=5", "run_name=resumed")
+    _torchrun(tmp_path, *COMMON, *validation, "steps=5", "run_name=resumed")
+    assert [r["step"] for r in val_rows(tmp_path / "runs" / "resumed")] == [2, 3, 4, 5]
     (resumed, _), (straight, _) = _checkpoint(tmp_path / "runs" / "resumed"), _checkpoint(tmp_path / "runs" / "straight")
     assert resumed.keys() == straight.keys() and len(resumed) > 50
     assert any(k.startswith("optim.") for k in resumed)

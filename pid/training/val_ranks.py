@@ -82,7 +82,8 @@ def plain_copy(net: nn.Module) -> nn.Module | None:
         return None
     from pid.models import build_pid_net
 
-    copy = build_pid_net(net.cfg, device="cpu")
+    with torch.random.fork_rng(devices=[]):  # its throwaway random init must not move the training's RNG
+        copy = build_pid_net(net.cfg, device="cpu")
     with torch.no_grad():
         state = {name: _whole(tensor.detach()).cpu() for name, tensor in net.state_dict().items()}
     copy.load_state_dict(state)
