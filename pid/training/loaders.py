@@ -14,7 +14,7 @@ from typing import Any
 
 from pid.errors import ConfigError
 from pid.training.buckets import BucketSpec
-from pid.training.data import SkipLog, TrainLoader, build_index
+from pid.training.data import SkipLog, TrainIndex, TrainLoader, build_index
 from pid.training.sources import source_kind
 
 DEFAULT_RESOLUTION = 2048
@@ -24,16 +24,28 @@ DEFAULT_BUCKETS = "fixed"
 def source_geometry(data: str | Path, resolution: int | None = None, buckets: str | None = None) -> BucketSpec:
     """The buckets `data` is read at: a prepare cache's own (it was encoded at them; asking for another
     resolution or bucket mode is a one-line error), else the asked ones (default 2048, fixed)."""
+    return _open_source(data, resolution, buckets)[0]
+
+
+def _open_source(data: str | Path, resolution: int | None, buckets: str | None) -> tuple[BucketSpec, Any]:
+    """(the buckets `data` is read at, its opened LatentCache or None): a cache is opened once, here."""
     if source_kind(data) != "cache":
-        return BucketSpec(buckets or DEFAULT_BUCKETS, int(resolution or DEFAULT_RESOLUTION))
+        return BucketSpec(buckets or DEFAULT_BUCKETS, int(resolution or DEFAULT_RESOLUTION)), None
     from pid.training.cache import LatentCache
 
-    spec = LatentCache(data).spec
+    cache = LatentCache(data)
+    spec = cache.spec
     for name, asked, have in (("resolution", resolution, spec.resolution), ("buckets", buckets, spec.mode)):
         if asked is not None and asked != have:
             raise ConfigError(f"the prepare cache {data} was made with {name}={have}, not {asked}; drop {name}= "
                               f"(a cache is read at its own) or prepare another cache")
-    return spec
+    return spec, cache
+
+
+def _cache_index(cache: Any) -> TrainIndex:
+    index = cache.train_index()
+    index.kind = "cache"
+    return index
 
 
 def open_loader(data: str | Path, batch_size: int, *, resolution: int | None = None, buckets: str | None = None,
@@ -42,16 +54,11 @@ def open_loader(data: str | Path, batch_size: int, *, resolution: int | None = N
     """A TrainLoader of `batch_size` images per rank over a folder, manifest, WebDataset root or prepare cache
     (whose batches then carry `lq_latent` / `caption_embeds`). Index-time skips are listed in `skipped_path` by
     rank 0 only; every rank lists the images it fails to load."""
-    spec = source_geometry(data, resolution, buckets)
+    spec, cache = _open_source(data, resolution, buckets)
     log = SkipLog(skipped_path)
-    if source_kind(data) == "cache":
-        from pid.training.cache import LatentCache
-
-        cache = LatentCache(data)
-        index = cache.train_index()
-        index.kind = "cache"
-        return TrainLoader(index, batch_size * world_size, seed=seed, rank=rank, world_size=world_size,
-                           skip_log=log, cache=cache, num_workers=num_workers)
+    if cache is not None:
+        return TrainLoader(_cache_index(cache), batch_size * world_size, seed=seed, rank=rank,
+                           world_size=world_size, skip_log=log, cache=cache, num_workers=num_workers)
     first = SkipLog(skipped_path if rank == 0 else None)
     index = build_index(data, spec, skip_log=first)
     log.remember(first.records)
@@ -62,13 +69,9 @@ def open_loader(data: str | Path, batch_size: int, *, resolution: int | None = N
 def describe_data(data: str | Path, *, resolution: int | None = None, buckets: str | None = None) -> dict[str, Any]:
     """What a dry run shows: source, kind, usable images, buckets (count, W x H) and the images left out.
     Reads image headers only; writes nothing."""
-    spec = source_geometry(data, resolution, buckets)
-    if source_kind(data) == "cache":
-        from pid.training.cache import LatentCache
-
-        index = LatentCache(data).train_index()
-        index.kind = "cache"
-        return {**index.describe(), "skipped": []}
+    spec, cache = _open_source(data, resolution, buckets)
+    if cache is not None:
+        return {**_cache_index(cache).describe(), "skipped": []}
     skips: list[dict[str, Any]] = []
     index = build_index(data, spec, skip_log=skips.append)
     return {**index.describe(), "skipped": skips}
